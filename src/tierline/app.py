@@ -1,0 +1,201 @@
+"""The application: job handlers registered with ``@app.job`` and the enqueue API."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from tierline.errors import InvalidJob, UnknownKind
+from tierline.jobs import Job, JobRequest, json_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Handler:
+    kind: str
+    func: Callable[..., Any]
+    queue: str
+    priority: int
+    max_attempts: int
+    timeout: float | None
+    uses_db: bool
+    is_async: bool
+    wants_context: bool
+    model: type[BaseModel]
+
+    def validate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Check ``args`` against the handler's signature; return them JSON-ready."""
+        try:
+            return self.model.model_validate(args).model_dump(mode="json", exclude_unset=True)
+        except ValidationError as exc:
+            raise InvalidJob(f"invalid args for {self.kind!r}: {_summary(exc)}") from None
+
+
+class App:
+    """A Tierline application: a registry of job handlers.
+
+    >>> app = App()
+    >>> @app.job(queue="emails", max_attempts=3)
+    ... async def send(ctx, to: str) -> None: ...
+    """
+
+    def __init__(self, name: str = "tierline", *, database_url: str | None = None) -> None:
+        self.name = name
+        self.handlers: dict[str, Handler] = {}
+        self.database_url = database_url
+        self._queue: Any = None  # set by a running tier (its pool), else made on demand
+        self._sync_lock = threading.Lock()
+
+    # -- registration ---------------------------------------------------------------------
+    def job(
+        self,
+        kind: str | None = None,
+        *,
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int = 5,
+        timeout: float | None = None,
+        uses_db: bool = False,
+    ) -> Callable[[F], F]:
+        """Register a handler. ``kind`` defaults to the function's name.
+
+        ``uses_db``: the handler borrows pool connections (``ctx.connection()``), so the
+        worker's pool must have one per concurrent job.
+        """
+
+        def register(func: F) -> F:
+            name = kind or func.__name__
+            JobRequest(kind=name, queue=queue, priority=priority, max_attempts=max_attempts,
+                       timeout_s=timeout)  # same rules as enqueue
+            if name in self.handlers:
+                raise ValueError(f"job kind {name!r} is registered twice")
+            model, wants_context = _signature_model(name, func)
+            self.handlers[name] = Handler(
+                kind=name, func=func, queue=queue, priority=priority,
+                max_attempts=max_attempts, timeout=timeout, uses_db=uses_db,
+                is_async=inspect.iscoroutinefunction(func), wants_context=wants_context,
+                model=model,
+            )
+            return func
+
+        return register
+
+    def kinds(self) -> list[str]:
+        return sorted(self.handlers)
+
+    def handler(self, kind: str) -> Handler:
+        try:
+            return self.handlers[kind]
+        except KeyError:
+            raise UnknownKind(kind, self.kinds()) from None
+
+    def prepare(self, request: JobRequest, *, max_args_bytes: int = 262_144) -> dict[str, Any]:
+        """Validate a request and fill in the handler's defaults: the row to insert."""
+        handler = self.handler(request.kind)
+        args = handler.validate(request.args)
+        if json_size(args) > max_args_bytes:
+            raise InvalidJob(f"args are larger than {max_args_bytes} bytes")
+        return {
+            "queue": request.queue or handler.queue,
+            "kind": request.kind,
+            "args": args,
+            "priority": handler.priority if request.priority is None else request.priority,
+            "run_at": request.due(),
+            "max_attempts": request.max_attempts or handler.max_attempts,
+            "timeout_s": request.timeout_s if request.timeout_s is not None else handler.timeout,
+            "idempotency_key": request.idempotency_key,
+        }
+
+    # -- enqueue --------------------------------------------------------------------------
+    async def enqueue(self, kind: str, args: dict[str, Any] | None = None, **options: Any) -> Job:
+        """Enqueue one job; returns it (the existing one for a repeated idempotency key)."""
+        queue = await self._get_queue()
+        job, _created = await queue.enqueue(JobRequest(kind=kind, args=args or {}, **options))
+        return job  # type: ignore[no-any-return]
+
+    async def enqueue_many(self, requests: Sequence[JobRequest]) -> list[Job]:
+        """Enqueue many jobs in one round trip and one transaction."""
+        queue = await self._get_queue()
+        return [job for job, _ in await queue.enqueue_batch(requests)]
+
+    def enqueue_sync(self, kind: str, args: dict[str, Any] | None = None, **options: Any) -> Job:
+        """The synchronous twin of ``enqueue``, for scripts and sync web frameworks."""
+        from tierline.queue import SyncQueue
+
+        with self._sync_lock:
+            return SyncQueue(self, self._dsn()).enqueue(
+                JobRequest(kind=kind, args=args or {}, **options)
+            )
+
+    def bind(self, queue: Any) -> None:
+        """Make ``enqueue`` use a running tier's queue (and pool)."""
+        self._queue = queue
+
+    async def _get_queue(self) -> Any:
+        if self._queue is None:
+            from tierline.queue import Queue
+
+            self._queue = await Queue.standalone(self, self._dsn())
+        return self._queue
+
+    def _dsn(self) -> str:
+        if self.database_url:
+            return self.database_url
+        from tierline.settings import Settings
+
+        return Settings.from_env().dsn()
+
+
+def _signature_model(kind: str, func: Callable[..., Any]) -> tuple[type[BaseModel], bool]:
+    """A pydantic model of the handler's parameters (after the optional ``ctx``)."""
+    params = list(inspect.signature(func).parameters.values())
+    wants_context = bool(params) and params[0].name in ("ctx", "context")
+    if wants_context:
+        params = params[1:]
+    fields: dict[str, Any] = {}
+    extra = "forbid"
+    hints = _hints(func)
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            extra = "allow"
+            continue
+        if p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY):
+            raise TypeError(f"handler {kind!r}: parameters must be passable by keyword")
+        annotation = hints.get(p.name, Any)
+        default = ... if p.default is p.empty else p.default
+        fields[p.name] = (annotation, default)
+    model = create_model(  # type: ignore[call-overload]
+        f"Args_{kind.replace('.', '_').replace(':', '_').replace('-', '_')}",
+        __config__=ConfigDict(extra=extra, strict=False),  # type: ignore[typeddict-item]
+        **fields,
+    )
+    return model, wants_context
+
+
+def _hints(func: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        import typing
+
+        return typing.get_type_hints(func)
+    except Exception:  # unresolvable forward references: validate loosely
+        return {}
+
+
+def _summary(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(x) for x in err.get("loc", ())) or "args"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def run_sync(coro: Any) -> Any:
+    """Run a coroutine from synchronous code that has no running loop."""
+    return asyncio.run(coro)

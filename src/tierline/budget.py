@@ -1,0 +1,212 @@
+"""The connection budget: usable cores, pool caps and the arithmetic of a deployment.
+
+Pure functions; the replica registry (``replica.py``) applies them against the live
+claims in the database, ``tierline plan`` against a planned deployment.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tierline.settings import Settings, Tier, env_name
+
+LISTEN_CONNECTIONS = 1  # every replica holds one LISTEN connection outside its pool
+MIN_USABLE_POOL = {"web": 1, "worker": 2}  # worker: one claimer, one flusher
+
+
+@dataclass(frozen=True)
+class Cores:
+    """CPU cores this process may use, and what limited them."""
+
+    usable: int
+    host: int
+    source: str  # "host", "affinity", "cgroup v2 cpu.max", "cgroup v1 cfs quota"
+    quota: float | None = None
+
+
+@dataclass(frozen=True)
+class Cap:
+    """One reduction of a requested setting, with the reason (logged as a WARNING)."""
+
+    variable: str
+    requested: int
+    applied: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    tier: Tier
+    requested_min: int
+    requested_max: int
+    min_size: int
+    max_size: int
+    caps: list[Cap] = field(default_factory=list)
+
+    @property
+    def claimed(self) -> int:
+        return self.max_size + LISTEN_CONNECTIONS
+
+
+@dataclass(frozen=True)
+class Budget:
+    total: int
+    source: str
+
+
+def usable_cores(
+    cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup",
+    proc_self_cgroup: str | os.PathLike[str] = "/proc/self/cgroup",
+    affinity: int | None = None,
+) -> Cores:
+    """Cores usable by this process: CPU affinity and the cgroup CPU quota (v1 or v2).
+
+    A pod limited to 500m gets 1, not the node's 64: the quota is rounded up, never down
+    to zero.
+    """
+    host = os.cpu_count() or 1
+    if affinity is None:
+        try:
+            affinity = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            affinity = host
+    usable, source = affinity, ("affinity" if affinity < host else "host")
+    quota = _cgroup_quota(Path(cgroup_root), Path(proc_self_cgroup))
+    if quota is not None:
+        cpus, kind = quota
+        limited = max(1, math.ceil(cpus - 1e-9))
+        if limited < usable:
+            usable, source = limited, kind
+        return Cores(usable=usable, host=host, source=source, quota=cpus)
+    return Cores(usable=usable, host=host, source=source)
+
+
+def _cgroup_paths(proc_self_cgroup: Path) -> dict[str, str]:
+    """Map controller ('' for v2) to this process's cgroup path."""
+    paths: dict[str, str] = {}
+    try:
+        text = proc_self_cgroup.read_text()
+    except OSError:
+        return paths
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(",") if parts[1] else [""]:
+                paths[controller] = parts[2]
+    return paths
+
+
+def _candidates(base: Path, rel: str) -> list[Path]:
+    """The process's own cgroup folder and its ancestors, deepest first (then the root)."""
+    rel_path = Path(rel.lstrip("/")) if rel else Path()
+    found = []
+    while True:
+        found.append(base / rel_path)
+        if rel_path == Path() or str(rel_path) == ".":
+            break
+        rel_path = rel_path.parent
+    return found
+
+
+def _cgroup_quota(root: Path, proc_self_cgroup: Path) -> tuple[float, str] | None:
+    """The tightest CPU quota along this process's cgroup path, in CPUs."""
+    paths = _cgroup_paths(proc_self_cgroup)
+    best: float | None = None
+    kind = ""
+    # cgroup v2: cpu.max holds "QUOTA PERIOD" or "max PERIOD".
+    for folder in _candidates(root, paths.get("", "")):
+        try:
+            quota_s, period_s = (folder / "cpu.max").read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if quota_s != "max" and float(period_s) > 0:
+            cpus = float(quota_s) / float(period_s)
+            if best is None or cpus < best:
+                best, kind = cpus, "cgroup v2 cpu.max"
+    # cgroup v1: cpu.cfs_quota_us (-1: none) and cpu.cfs_period_us.
+    for mount in ("cpu,cpuacct", "cpu", "cpuacct,cpu"):
+        base = root / mount
+        if not base.is_dir():
+            continue
+        for folder in _candidates(base, paths.get("cpu", "")):
+            try:
+                quota = int((folder / "cpu.cfs_quota_us").read_text())
+                period = int((folder / "cpu.cfs_period_us").read_text())
+            except (OSError, ValueError):
+                continue
+            if quota > 0 and period > 0:
+                cpus = quota / period
+                if best is None or cpus < best:
+                    best, kind = cpus, "cgroup v1 cfs quota"
+        break
+    return (best, kind) if best is not None else None
+
+
+def budget(settings: Settings, max_connections: int, superuser_reserved: int,
+           server_reserved: int = 0) -> Budget:
+    """The global budget: the explicit setting, or what the server allows minus reserves."""
+    if settings.db_max_connections is not None:
+        return Budget(settings.db_max_connections, env_name("db_max_connections"))
+    total = max_connections - superuser_reserved - server_reserved - settings.db_reserved_connections
+    return Budget(
+        max(0, total),
+        f"server max_connections {max_connections} - superuser_reserved_connections "
+        f"{superuser_reserved}"
+        + (f" - reserved_connections {server_reserved}" if server_reserved else "")
+        + f" - {env_name('db_reserved_connections')} {settings.db_reserved_connections}",
+    )
+
+
+def cpu_capped_pool(settings: Settings, tier: Tier, cores: Cores) -> PoolPlan:
+    """The pool after the CPU cap, before the budget is consulted."""
+    req_min, req_max = settings.pool_bounds(tier)
+    caps: list[Cap] = []
+    size = req_max
+    cpu_cap = max(1, math.floor(cores.usable * settings.db_pool_cpu_factor))
+    if size > cpu_cap:
+        caps.append(Cap(
+            env_name(f"{tier}_db_pool_max"), req_max, cpu_cap,
+            f"{cores.usable} usable cores ({cores.source}) x "
+            f"{env_name('db_pool_cpu_factor')} {settings.db_pool_cpu_factor:g}",
+        ))
+        size = cpu_cap
+    return _with_min(PoolPlan(tier, req_min, req_max, min(req_min, size), size, caps))
+
+
+def fit_to_budget(plan: PoolPlan, free: int, budget_total: int) -> PoolPlan | None:
+    """Shrink the pool to what the budget has left (after the LISTEN connection).
+
+    None when not even the smallest usable pool fits: the replica must wait.
+    """
+    room = free - LISTEN_CONNECTIONS
+    if room >= plan.max_size:
+        return plan
+    if room < MIN_USABLE_POOL[plan.tier]:
+        return None
+    cap = Cap(
+        env_name(f"{plan.tier}_db_pool_max"), plan.requested_max, room,
+        f"connection budget: {free} of {budget_total} connections left "
+        f"({LISTEN_CONNECTIONS} for LISTEN)",
+    )
+    return _with_min(PoolPlan(plan.tier, plan.requested_min, plan.requested_max,
+                              min(plan.min_size, room), room, [*plan.caps, cap]))
+
+
+def _with_min(plan: PoolPlan) -> PoolPlan:
+    if plan.requested_min > plan.max_size and not any(
+        c.variable.endswith("_MIN") for c in plan.caps
+    ):
+        return PoolPlan(plan.tier, plan.requested_min, plan.requested_max, plan.max_size,
+                        plan.max_size, [*plan.caps, Cap(
+                            env_name(f"{plan.tier}_db_pool_min"), plan.requested_min,
+                            plan.max_size, "the pool's effective maximum is lower")])
+    return plan
+
+
+def worker_pool_need(concurrency: int, handlers_use_db: bool) -> int:
+    """Connections a worker replica uses at once: claimer and flusher, plus one per
+    concurrent handler when handlers borrow connections (``ctx.connection()``)."""
+    return MIN_USABLE_POOL["worker"] + (concurrency if handlers_use_db else 0)

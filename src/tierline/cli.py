@@ -1,0 +1,374 @@
+"""The ``tierline`` command. Thin: it reads the environment into ``Settings``, resolves the
+database, and hands over to the tiers. Every flag has an environment variable."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import click
+from pydantic import SecretStr
+
+from tierline import __version__
+from tierline.errors import AppLoadError, TierlineError
+from tierline.settings import Settings, env_name
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"tierline: error: {message}", err=True)
+    sys.exit(code)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings.from_env(**overrides)
+    except TierlineError as exc:
+        fail(str(exc))
+
+
+def setup_logging(settings: Settings, **context: Any) -> None:
+    from tierline.logs import configure
+
+    configure(settings.log_level, settings.log_format, **context)
+
+
+def with_database(settings: Settings, *, quiet: bool = False) -> Settings:
+    """Settings with a database URL: the given one, or the embedded server's."""
+    if settings.database_url is not None:
+        return settings
+    from tierline import embedded
+
+    try:
+        url = embedded.start(settings.data_dir)
+    except TierlineError as exc:
+        fail(str(exc))
+    if not quiet:
+        click.echo(f"tierline: embedded PostgreSQL at {url} "
+                   f"(data in {os.path.join(settings.data_dir, 'pgdata')})", err=True)
+    return settings.model_copy(update={"database_url": SecretStr(url)})
+
+
+def load_app(spec: str) -> Any:
+    from tierline.app import App
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        app = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise AppLoadError(f"{env_name('app')}={spec!r}: cannot load it: {exc}") from None
+    if not isinstance(app, App):
+        raise AppLoadError(f"{env_name('app')}={spec!r} is a {type(app).__name__}, not a "
+                           "tierline.App")
+    return app
+
+
+def run_async(main: Callable[[], Any]) -> int:
+    from tierline.lifecycle import uvloop_policy
+
+    uvloop_policy()
+    try:
+        return int(asyncio.run(main()) or 0)
+    except TierlineError as exc:
+        fail(str(exc), 1)
+
+
+def env_option(*decls: str, field: str, help: str, **kw: Any) -> Callable[[Any], Any]:
+    """A flag that overrides ``TIERLINE_<FIELD>``; validated by Settings, not click."""
+    return click.option(*decls, field, default=None, envvar=env_name(field),
+                        show_envvar=True, help=help, **kw)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="tierline")
+def main() -> None:
+    """Tierline: web and worker tiers that scale independently on PostgreSQL."""
+
+
+# -- the tiers ----------------------------------------------------------------------------------
+@main.command()
+@env_option("--app", field="app", help="Application as module:attribute.")
+@env_option("--host", field="web_host", help="Address to listen on.")
+@env_option("--port", field="web_port", help="Port to listen on.")
+@click.option("--reuse-port", is_flag=True, help="Share the port with other replicas "
+              "(SO_REUSEPORT).")
+def web(app: str | None, web_host: str | None, web_port: str | None, reuse_port: bool) -> None:
+    """Run one web-tier replica (HTTP API, SSE, metrics, dashboard)."""
+    settings = with_database(load_settings(app=app, web_host=web_host, web_port=web_port))
+    setup_logging(settings, tier="web", pid=os.getpid())
+    from tierline.web.server import run_web
+
+    application = _app_or_fail(settings)
+    sys.exit(run_async(lambda: run_web(application, settings, reuse_port=reuse_port)))
+
+
+@main.command()
+@env_option("--app", field="app", help="Application as module:attribute.")
+@env_option("--queues", field="worker_queues", help="Comma-separated queues.")
+@env_option("--concurrency", field="worker_concurrency", help="Jobs run at once.")
+@env_option("--metrics-port", field="worker_metrics_port", help="Port of /metrics, /healthz, "
+            "/readyz (0: any free port).")
+def worker(app: str | None, worker_queues: str | None, worker_concurrency: str | None,
+           worker_metrics_port: str | None) -> None:
+    """Run one worker-tier replica."""
+    settings = with_database(load_settings(
+        app=app, worker_queues=worker_queues, worker_concurrency=worker_concurrency,
+        worker_metrics_port=worker_metrics_port))
+    setup_logging(settings, tier="worker", pid=os.getpid())
+    from tierline.worker_main import run_worker
+
+    application = _app_or_fail(settings)
+    sys.exit(run_async(lambda: run_worker(application, settings)))
+
+
+def _app_or_fail(settings: Settings) -> Any:
+    try:
+        return load_app(settings.app)
+    except TierlineError as exc:
+        fail(str(exc))
+
+
+@main.command()
+@click.option("--web", "web_n", default=1, show_default=True, type=click.IntRange(0, 64),
+              envvar="TIERLINE_UP_WEB", show_envvar=True, help="Web replicas.")
+@click.option("--workers", "workers_n", default=2, show_default=True,
+              type=click.IntRange(0, 64), envvar="TIERLINE_UP_WORKERS", show_envvar=True,
+              help="Worker replicas.")
+@env_option("--app", field="app", help="Application as module:attribute.")
+@env_option("--port", field="web_port", help="Port of the web tier.")
+def up(web_n: int, workers_n: int, app: str | None, web_port: str | None) -> None:
+    """Run the whole system: database (embedded unless TIERLINE_DATABASE_URL is set),
+    migrations, web and worker replicas as separate processes."""
+    settings = with_database(load_settings(app=app, web_port=web_port))
+    setup_logging(settings, tier="supervisor", pid=os.getpid())
+    _app_or_fail(settings)
+    from tierline.supervisor import Supervisor
+
+    run_async(lambda: _migrate(settings, quiet=True))
+    env = {k: v for k, v in os.environ.items()}
+    env[env_name("database_url")] = settings.dsn()
+    if app:
+        env[env_name("app")] = app
+    if web_port:
+        env[env_name("web_port")] = web_port
+    host = settings.web_host
+    click.echo(f"tierline: web tier  http://{host}:{settings.web_port}/  "
+               f"(API /v1/jobs, docs /docs, metrics /metrics)", err=True)
+    if workers_n:
+        first = settings.worker_metrics_port
+        click.echo(f"tierline: workers   metrics on {settings.worker_metrics_host}:"
+                   f"{first}..{first + workers_n - 1}" if first else "", err=True)
+    click.echo(f"tierline: {web_n} web and {workers_n} worker replicas; "
+               "`tierline scale worker=N` to change; Ctrl+C stops", err=True)
+    sys.exit(run_async(lambda: Supervisor(settings, env, web=web_n, workers=workers_n).run()))
+
+
+@main.command()
+@click.argument("changes", nargs=-1, required=True)
+@env_option("--data-dir", field="data_dir", help="Data folder of the running `tierline up`.")
+def scale(changes: tuple[str, ...], data_dir: str | None) -> None:
+    """Change the replica count of a running `tierline up`: `tierline scale worker=4 web=2`."""
+    settings = load_settings(data_dir=data_dir)
+    wanted: dict[str, int] = {}
+    for change in changes:
+        tier, _, n = change.partition("=")
+        tier = {"workers": "worker", "webs": "web"}.get(tier, tier)
+        if tier not in ("web", "worker") or not n.isdigit():
+            fail(f"expected web=N or worker=N, got {change!r}")
+        wanted[tier] = int(n)
+    from tierline.supervisor import send_control
+
+    try:
+        reply = asyncio.run(send_control(settings.data_dir, {"scale": wanted}))
+    except (OSError, TimeoutError) as exc:
+        fail(f"no running `tierline up` in {settings.data_dir} ({exc})", 1)
+    for result in reply.get("results", []):
+        if "error" in result:
+            fail(result["error"])
+        click.echo(f"{result['tier']}: {result['from']} -> {result['to']} replicas")
+
+
+# -- database -----------------------------------------------------------------------------------
+@main.command()
+@click.option("--check", is_flag=True, help="Only check the schema version; exit 1 if it "
+              "needs migrating.")
+def migrate(check: bool) -> None:
+    """Apply the schema migrations (safe to run from many replicas at once)."""
+    settings = with_database(load_settings())
+    setup_logging(settings, tier="migrate")
+    sys.exit(run_async(lambda: _migrate(settings, check=check)))
+
+
+async def _migrate(settings: Settings, *, check: bool = False, quiet: bool = False) -> int:
+    from tierline import migrations
+    from tierline.database import connect
+
+    conn = await connect(settings.direct_dsn(), settings, attempts=5,
+                         application_name="tierline-migrate")
+    try:
+        if check:
+            version = await migrations.check(conn)  # type: ignore[arg-type]
+            click.echo(f"schema is current (version {version})")
+            return 0
+        applied = await migrations.migrate(conn)  # type: ignore[arg-type]
+    finally:
+        await conn.close()
+    if not quiet or applied:
+        if applied:
+            for m in applied:
+                click.echo(f"applied migration {m.version:04d}_{m.name}", err=quiet)
+        else:
+            click.echo(f"schema is current (version {migrations.LATEST})")
+    return 0
+
+
+# -- planning and configuration -----------------------------------------------------------------
+@main.command()
+@click.option("--web", "web_n", type=click.IntRange(0, 10_000), required=True,
+              help="Planned web replicas.")
+@click.option("--workers", "workers_n", type=click.IntRange(0, 10_000), required=True,
+              help="Planned worker replicas.")
+@env_option("--db-max-connections", field="db_max_connections",
+            help="The budget; default: read from the server.")
+@click.option("--cores", type=click.FloatRange(0.01, 4096), default=None,
+              help="CPU cores per replica (default: what this machine allows).")
+def plan(web_n: int, workers_n: int, db_max_connections: str | None, cores: float | None
+         ) -> None:
+    """Print the connection arithmetic of a deployment; exit 1 when it does not fit."""
+    from tierline import planning
+
+    settings = load_settings(db_max_connections=db_max_connections)
+    server = None
+    if settings.db_max_connections is None:
+        if settings.database_url is None:
+            fail("give --db-max-connections, or set TIERLINE_DATABASE_URL to read the "
+                 "server's max_connections")
+        server = run_async_value(lambda: planning.read_server_limits(settings))
+    result = planning.plan(settings, web=web_n, workers=workers_n, cores=cores, server=server)
+    click.echo(planning.render(result))
+    sys.exit(0 if result.fits else 1)
+
+
+def run_async_value(main: Callable[[], Any]) -> Any:
+    try:
+        return asyncio.run(main())
+    except TierlineError as exc:
+        fail(str(exc), 1)
+
+
+@main.command()
+@click.option("--tier", type=click.Choice(["web", "worker"]), default=None,
+              help="Only the settings this tier uses.")
+@click.option("--markdown", is_flag=True, help="Print the reference (docs/configuration.md).")
+def config(tier: str | None, markdown: bool) -> None:
+    """Print the effective settings and where each came from (secrets redacted)."""
+    from tierline import settings_doc
+
+    if markdown:
+        click.echo(settings_doc.markdown(), nl=False)
+        return
+    settings = load_settings()
+    click.echo(settings_doc.table(settings, os.environ, tier))
+
+
+@main.group()
+def docs() -> None:
+    """Generated reference documents."""
+
+
+@docs.command("metrics")
+def docs_metrics() -> None:
+    """Print docs/metrics.md, generated from the metric registry."""
+    from tierline import metrics_doc
+
+    click.echo(metrics_doc.markdown(), nl=False)
+
+
+@docs.command("configuration")
+def docs_configuration() -> None:
+    """Print docs/configuration.md, generated from the settings object."""
+    from tierline import settings_doc
+
+    click.echo(settings_doc.markdown(), nl=False)
+
+
+# -- client commands ----------------------------------------------------------------------------
+@main.command()
+@click.argument("kind")
+@click.option("--args", "args_json", default="{}", help="Arguments as a JSON object.")
+@click.option("--queue", default=None)
+@click.option("--url", default=None, envvar="TIERLINE_URL", show_envvar=True,
+              help="Web tier URL (default: http://TIERLINE_WEB_HOST:TIERLINE_WEB_PORT).")
+@click.option("--key", default=None, envvar="TIERLINE_API_KEY", show_envvar=True,
+              help="API key.")
+def enqueue(kind: str, args_json: str, queue: str | None, url: str | None, key: str | None
+            ) -> None:
+    """Enqueue a job through the web tier and print it."""
+    from tierline.client import Client, ClientError
+
+    try:
+        args = json.loads(args_json)
+    except ValueError as exc:
+        fail(f"--args is not JSON: {exc}")
+    body: dict[str, Any] = {"kind": kind, "args": args}
+    if queue:
+        body["queue"] = queue
+    try:
+        with Client(_url(url), api_key=key) as client:
+            click.echo(json.dumps(client.enqueue(body), indent=2))
+    except ClientError as exc:
+        fail(str(exc), 1)
+
+
+@main.command()
+@click.argument("job_id", type=click.IntRange(1))
+@click.option("--url", default=None, envvar="TIERLINE_URL", show_envvar=True,
+              help="Web tier URL (default: http://TIERLINE_WEB_HOST:TIERLINE_WEB_PORT).")
+@click.option("--key", default=None, envvar="TIERLINE_API_KEY", show_envvar=True,
+              help="API key.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
+def watch(job_id: int, url: str | None, key: str | None, as_json: bool) -> None:
+    """Follow a job's events until it finishes (resumes after disconnects)."""
+    from tierline.client import Client, ClientError
+
+    last = None
+    try:
+        with Client(_url(url), api_key=key) as client:
+            for ev in client.follow(job_id):
+                last = ev
+                if as_json:
+                    click.echo(json.dumps(ev.payload()))
+                else:
+                    click.echo(f"{ev.at}  #{ev.seq:<4} {ev.type:<10} {_describe(ev.data)}")
+    except ClientError as exc:
+        fail(str(exc), 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0 if last is None or last.type == "succeeded" else 1)
+
+
+def _describe(data: Any) -> str:
+    if not isinstance(data, dict):
+        return json.dumps(data)
+    if "fraction" in data:
+        frac = data.get("fraction")
+        pct = f"{frac * 100:5.1f}% " if isinstance(frac, int | float) else ""
+        return f"{pct}{data.get('message', '')}"
+    return json.dumps(data, separators=(",", ":"))[:200]
+
+
+def _url(url: str | None) -> str:
+    if url:
+        return url
+    settings = load_settings()
+    host = "127.0.0.1" if settings.web_host in ("0.0.0.0", "::") else settings.web_host
+    return f"http://{host}:{settings.web_port}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

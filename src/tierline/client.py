@@ -1,0 +1,242 @@
+"""HTTP client of the web tier, sync and async, with event streams that resume.
+
+``follow(job_id)`` yields a job's events until its final one; when the connection drops
+it reconnects (to the next base URL, if several are given) with ``Last-Event-ID``, so
+every event arrives exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from tierline.errors import TierlineError
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+class ClientError(TierlineError):
+    """The web tier refused the request."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    id: str
+    type: str
+    data: Any
+
+    @property
+    def seq(self) -> int:
+        return int(self.data.get("seq", 0)) if isinstance(self.data, dict) else 0
+
+    @property
+    def at(self) -> str:
+        return str(self.data.get("at", "")) if isinstance(self.data, dict) else ""
+
+    def payload(self) -> dict[str, Any]:
+        return {"id": self.id, "event": self.type, "data": self.data}
+
+
+class SSEParser:
+    """Incremental text/event-stream parser (comments and heartbeats are skipped)."""
+
+    def __init__(self) -> None:
+        self._id = ""
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> StreamEvent | None:
+        if line == "":
+            if not self._data:
+                self._event = ""
+                return None
+            raw = "\n".join(self._data)
+            self._data = []
+            event, self._event = self._event or "message", ""
+            try:
+                data: Any = json.loads(raw)
+            except ValueError:
+                data = raw
+            return StreamEvent(self._id, event, data)
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            self._id = value
+        return None
+
+
+def _check(resp: httpx.Response) -> None:
+    if resp.status_code >= 400:
+        try:
+            err = resp.json()["error"]
+            message = f"{resp.status_code} {err.get('code')}: {err.get('message')}"
+        except (ValueError, KeyError, TypeError):
+            message = f"{resp.status_code}: {resp.text[:200]}"
+        raise ClientError(message, resp.status_code)
+
+
+class Client:
+    """Synchronous client. ``urls``: several web replicas to rotate through on reconnect."""
+
+    def __init__(self, url: str | Iterable[str], *, api_key: str | None = None,
+                 timeout: float = 30.0, retries: int = 20) -> None:
+        self.urls = [url] if isinstance(url, str) else list(url)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, read=None))
+        self.retries = retries
+        self._next = itertools.cycle(self.urls)
+        self.url = next(self._next)
+        self.reconnects = 0
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def enqueue(self, body: dict[str, Any]) -> dict[str, Any]:
+        resp = self._request("POST", "/v1/jobs", json=body)
+        result: dict[str, Any] = resp.json()
+        return result
+
+    def get(self, job_id: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"/v1/jobs/{job_id}").json()
+        return result
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = self.http.request(method, self.url + path, **kw)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach {self.url}: {exc}") from None
+        _check(resp)
+        return resp
+
+    def follow(self, job_id: int, *, after: int = 0, max_events: int | None = None
+               ) -> Iterator[StreamEvent]:
+        """A job's events from ``after`` to its final event, resuming on disconnects."""
+        last = str(after) if after else None
+        failures = 0
+        seen = 0
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                with self.http.stream("GET", f"{self.url}/v1/jobs/{job_id}/events",
+                                      headers=headers) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        _check(resp)
+                    parser = SSEParser()
+                    for line in resp.iter_lines():
+                        ev = parser.feed(line)
+                        if ev is None:
+                            continue
+                        failures = 0
+                        last = ev.id or last
+                        seen += 1
+                        yield ev
+                        if ev.type in FINAL or (max_events and seen >= max_events):
+                            return
+            except ClientError as exc:
+                if exc.status not in (502, 503, 504):
+                    raise
+            except (httpx.HTTPError, OSError):
+                pass
+            failures += 1
+            if failures > self.retries:
+                raise ClientError(f"gave up following job {job_id} after {self.retries} "
+                                  "failed reconnects")
+            self.reconnects += 1
+            self.url = next(self._next)
+            time.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+
+
+class AsyncClient:
+    """Asynchronous twin of ``Client``."""
+
+    def __init__(self, url: str | Iterable[str], *, api_key: str | None = None,
+                 timeout: float = 30.0, retries: int = 20) -> None:
+        self.urls = [url] if isinstance(url, str) else list(url)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(headers=headers,
+                                      timeout=httpx.Timeout(timeout, read=None))
+        self.retries = retries
+        self._next = itertools.cycle(self.urls)
+        self.url = next(self._next)
+        self.reconnects = 0
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def enqueue(self, body: dict[str, Any]) -> dict[str, Any]:
+        resp = await self._request("POST", "/v1/jobs", json=body)
+        result: dict[str, Any] = resp.json()
+        return result
+
+    async def get(self, job_id: int) -> dict[str, Any]:
+        result: dict[str, Any] = (await self._request("GET", f"/v1/jobs/{job_id}")).json()
+        return result
+
+    async def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = await self.http.request(method, self.url + path, **kw)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach {self.url}: {exc}") from None
+        _check(resp)
+        return resp
+
+    async def follow(self, job_id: int, *, after: int = 0, max_events: int | None = None
+                     ) -> AsyncIterator[StreamEvent]:
+        last = str(after) if after else None
+        failures = 0
+        seen = 0
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                async with self.http.stream("GET", f"{self.url}/v1/jobs/{job_id}/events",
+                                            headers=headers) as resp:
+                    if resp.status_code >= 400:
+                        await resp.aread()
+                        _check(resp)
+                    parser = SSEParser()
+                    async for line in resp.aiter_lines():
+                        ev = parser.feed(line)
+                        if ev is None:
+                            continue
+                        failures = 0
+                        last = ev.id or last
+                        seen += 1
+                        yield ev
+                        if ev.type in FINAL or (max_events and seen >= max_events):
+                            return
+            except ClientError as exc:
+                if exc.status not in (502, 503, 504):
+                    raise
+            except (httpx.HTTPError, OSError):
+                pass
+            failures += 1
+            if failures > self.retries:
+                raise ClientError(f"gave up following job {job_id} after {self.retries} "
+                                  "failed reconnects")
+            self.reconnects += 1
+            self.url = next(self._next)
+            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))

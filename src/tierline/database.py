@@ -1,0 +1,119 @@
+"""Connections: one-off connections with backoff, and the per-tier pool.
+
+Nothing here keeps session state on pooled connections (no SET, no session advisory
+locks), so pools may point at PgBouncer in transaction mode. Server-side prepared
+statements are only used when the pool talks to PostgreSQL directly (or when enabled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from tierline.errors import DatabaseUnavailable
+from tierline.logs import get_logger
+from tierline.settings import Settings
+
+log = get_logger(__name__)
+
+Conn = psycopg.AsyncConnection[DictRow]
+
+
+def backoff_delays(base: float = 0.1, cap: float = 10.0) -> Any:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**n))."""
+    n = 0
+    while True:
+        yield random.uniform(0, min(cap, base * 2**n))
+        n += 1
+
+
+def uses_pooler(settings: Settings) -> bool:
+    """True when the pool URL differs from the direct URL (e.g. PgBouncer)."""
+    return settings.dsn() != settings.direct_dsn()
+
+
+def prepare_threshold(settings: Settings) -> int | None:
+    return None if uses_pooler(settings) else 5
+
+
+async def connect(
+    dsn: str, settings: Settings, *, attempts: int | None = None, application_name: str = ""
+) -> Conn:
+    """Open one autocommit connection, retrying with jittered backoff.
+
+    ``attempts`` None retries forever (start-up: the database may come later).
+    """
+    delays = backoff_delays()
+    tried = 0
+    while True:
+        tried += 1
+        try:
+            return await psycopg.AsyncConnection.connect(
+                dsn,
+                autocommit=True,
+                row_factory=dict_row,
+                connect_timeout=max(1, round(settings.db_connect_timeout_s)),
+                application_name=application_name or "tierline",
+                prepare_threshold=None,
+            )
+        except psycopg.OperationalError as exc:
+            if attempts is not None and tried >= attempts:
+                raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from None
+            delay = next(delays)
+            log.warning(
+                "database connection failed; retrying",
+                error=_first_line(exc),
+                retry_in_s=round(delay, 2),
+                attempt=tried,
+            )
+            await asyncio.sleep(delay)
+
+
+def make_pool(
+    settings: Settings, *, min_size: int, max_size: int, name: str
+) -> AsyncConnectionPool[Conn]:
+    """A pool that is not open yet; ``await pool.open()`` starts it.
+
+    One background worker opens connections one at a time, so a replica's minimum is
+    reached gradually rather than as a burst.
+    """
+    return AsyncConnectionPool(
+        settings.dsn(),
+        min_size=min_size,
+        max_size=max_size,
+        timeout=settings.db_pool_timeout_s,
+        open=False,
+        name=name,
+        num_workers=1,
+        reconnect_timeout=0,  # keep trying forever; readiness reports the outage
+        connection_class=psycopg.AsyncConnection[DictRow],
+        kwargs={
+            "autocommit": True,
+            "row_factory": dict_row,
+            "prepare_threshold": prepare_threshold(settings),
+            "application_name": f"tierline-{name}",
+            "connect_timeout": max(1, round(settings.db_connect_timeout_s)),
+        },
+        check=AsyncConnectionPool.check_connection,
+    )
+
+
+@asynccontextmanager
+async def transaction(pool: AsyncConnectionPool[Conn]) -> AsyncIterator[Conn]:
+    async with pool.connection() as conn, conn.transaction():
+        yield conn
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def describe_error(exc: BaseException) -> str:
+    return _first_line(exc)

@@ -1,0 +1,108 @@
+"""What a job is: states, the validated request to enqueue one, and its public view."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+QUEUE_PATTERN = r"^[A-Za-z0-9_.\-]{1,100}$"
+KIND_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
+
+
+class State(StrEnum):
+    scheduled = "scheduled"
+    available = "available"
+    running = "running"
+    retrying = "retrying"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+WAITING = (State.scheduled, State.available, State.retrying)
+FINAL = (State.succeeded, State.failed, State.cancelled)
+EVENT_TYPES = ("enqueued", "started", "progress", "log", "retrying", "succeeded", "failed",
+               "cancelled")
+FINAL_EVENTS = ("succeeded", "failed", "cancelled")
+
+
+class JobRequest(BaseModel):
+    """A job to enqueue. Unset options take the handler's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str = Field(pattern=KIND_PATTERN, description="Registered job kind.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Handler arguments (JSON).")
+    queue: str | None = Field(None, pattern=QUEUE_PATTERN)
+    priority: int | None = Field(None, ge=-100, le=100, description="Higher runs first.")
+    run_at: datetime | None = Field(None, description="Not before this time (ISO 8601).")
+    delay_s: float | None = Field(None, ge=0, le=366 * 86400, description="Not before now + this.")
+    max_attempts: int | None = Field(None, ge=1, le=1000)
+    timeout_s: float | None = Field(None, gt=0, le=7 * 86400)
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=255, description="Enqueue at most once per key."
+    )
+
+    @field_validator("run_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("run_at needs a time zone, e.g. 2030-01-01T00:00:00Z")
+        return value
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
+    @model_validator(mode="after")
+    def _one_time(self) -> JobRequest:
+        if self.run_at is not None and self.delay_s is not None:
+            raise ValueError("give run_at or delay_s, not both")
+        return self
+
+    def due(self) -> datetime | None:
+        if self.delay_s:
+            return datetime.now(UTC) + timedelta(seconds=self.delay_s)
+        return self.run_at
+
+
+class Job(BaseModel):
+    """A job as the API shows it."""
+
+    id: int
+    kind: str
+    queue: str
+    state: State
+    args: dict[str, Any]
+    priority: int
+    attempt: int
+    max_attempts: int
+    timeout_s: float | None
+    idempotency_key: str | None
+    run_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: Any = None
+    error: Any = None
+    progress: dict[str, Any] | None = None
+    cancel_requested: bool = False
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Job:
+        return cls.model_construct(
+            **{k: row.get(k) for k in cls.model_fields if k != "cancel_requested"},
+            cancel_requested=row.get("cancel_requested_at") is not None,
+        )
+
+
+def json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())

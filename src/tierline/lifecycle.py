@@ -1,0 +1,71 @@
+"""One shutdown recipe for both tiers (uvicorn's): the first SIGTERM or Ctrl+C stops
+intake and drains within a grace period; a second one forces an immediate exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Generator
+
+import uvicorn
+
+from tierline.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class Shutdown:
+    """Installs the signal handlers; ``stop`` is set on the first signal."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.signals = 0
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            log.info("shutting down; a second signal forces", signal=signal.Signals(sig).name)
+            self.stop.set()
+        else:
+            log.warning("forced exit", signal=signal.Signals(sig).name)
+            os._exit(1)
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the tier's ``Shutdown`` owns signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A bound, listening TCP socket; ``reuse_port`` lets replicas share a port (the
+    kernel balances connections between them)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvloop_policy() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass

@@ -1,0 +1,174 @@
+"""The producer and admin side of the queue: enqueue, read, cancel, retry, statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from tierline import metrics
+from tierline.database import Conn
+from tierline.errors import InvalidTransition, JobNotFound
+from tierline.jobs import Job, JobRequest
+from tierline.queries import QUERIES
+
+if TYPE_CHECKING:
+    from tierline.app import App
+
+MAX_ARGS_BYTES = 262_144
+
+
+class Queue:
+    """Queue operations over a connection pool."""
+
+    def __init__(self, app: App, pool: AsyncConnectionPool[Conn], *,
+                 max_args_bytes: int = MAX_ARGS_BYTES) -> None:
+        self.app = app
+        self.pool = pool
+        self.max_args_bytes = max_args_bytes
+
+    @classmethod
+    async def standalone(cls, app: App, dsn: str) -> Queue:
+        """A small private pool, for processes that only enqueue."""
+        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            dsn, min_size=1, max_size=2, open=False, name="enqueue",
+            connection_class=psycopg.AsyncConnection[Any],
+            kwargs={"autocommit": True, "row_factory": dict_row},
+        )
+        await pool.open(wait=True, timeout=10)
+        return cls(app, pool)
+
+    # -- enqueue ----------------------------------------------------------------------------
+    async def enqueue(self, request: JobRequest) -> tuple[Job, bool]:
+        """Insert one job; ``(job, created)``; created is False for a repeated key."""
+        row = self.app.prepare(request, max_args_bytes=self.max_args_bytes)
+        params = {**row, "args": Jsonb(row["args"])}
+        for _ in range(3):
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(QUERIES["enqueue"], params)
+                found = await cur.fetchone()
+            if found:  # empty only when the same key was committed concurrently
+                if found["created"]:
+                    metrics.JOBS_ENQUEUED.labels(found["queue"]).inc()
+                return Job.from_row(found), bool(found["created"])
+        raise InvalidTransition("idempotency key conflict did not settle; try again")
+
+    async def enqueue_batch(self, requests: Sequence[JobRequest]) -> list[tuple[Job, bool]]:
+        """Insert many jobs in one statement and one transaction, in order."""
+        rows = [self.app.prepare(r, max_args_bytes=self.max_args_bytes) for r in requests]
+        if not rows:
+            return []
+        # A key repeated inside the batch is one job: later copies map to the first.
+        first_of: dict[str, int] = {}
+        unique: list[dict[str, Any]] = []
+        position: list[int] = []
+        for row in rows:
+            key = row["idempotency_key"]
+            if key is not None and key in first_of:
+                position.append(first_of[key])
+                continue
+            if key is not None:
+                first_of[key] = len(unique)
+            position.append(len(unique))
+            unique.append(row)
+        params = {
+            "queues": [r["queue"] for r in unique],
+            "kinds": [r["kind"] for r in unique],
+            "args": [Jsonb(r["args"]) for r in unique],
+            "priorities": [r["priority"] for r in unique],
+            "run_ats": [r["run_at"] for r in unique],
+            "max_attempts": [r["max_attempts"] for r in unique],
+            "timeouts": [r["timeout_s"] for r in unique],
+            "keys": [r["idempotency_key"] for r in unique],
+        }
+        found: list[dict[str, Any]] = []
+        for _ in range(3):
+            try:
+                async with self.pool.connection() as conn, conn.transaction():
+                    cur = await conn.execute(QUERIES["enqueue_batch"], params)
+                    found = await cur.fetchall()
+                    if len(found) != len(unique):
+                        # A key was committed by someone else meanwhile: undo, run again.
+                        raise _KeyRace
+                break
+            except _KeyRace:
+                continue
+        else:  # pragma: no cover - three concurrent collisions in a row
+            raise InvalidTransition("idempotency key conflict did not settle; try again")
+        created_per_queue: dict[str, int] = {}
+        jobs = []
+        for r in found:
+            if r["created"]:
+                created_per_queue[r["queue"]] = created_per_queue.get(r["queue"], 0) + 1
+            jobs.append((Job.from_row(r), bool(r["created"])))
+        for queue, n in created_per_queue.items():
+            metrics.JOBS_ENQUEUED.labels(queue).inc(n)
+        seen: set[int] = set()
+        out = []
+        for pos in position:
+            job, created = jobs[pos]
+            out.append((job, created and pos not in seen))
+            seen.add(pos)
+        return out
+
+    # -- read -------------------------------------------------------------------------------
+    async def get(self, job_id: int) -> Job:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(QUERIES["get_job"], {"id": job_id})
+            row = await cur.fetchone()
+        if row is None:
+            raise JobNotFound(f"job {job_id} not found")
+        return Job.from_row(row)
+
+    async def list(self, *, queue: str | None = None, state: str | None = None,
+                   kind: str | None = None, before: int | None = None,
+                   limit: int = 50) -> list[Job]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(QUERIES["list_jobs"], {
+                "queue": queue, "state": state, "kind": kind, "before": before, "limit": limit,
+            })
+            return [Job.from_row(r) for r in await cur.fetchall()]
+
+    # -- change -----------------------------------------------------------------------------
+    async def cancel(self, job_id: int) -> Job:
+        """Cancel a waiting job now, or ask its worker to stop a running one."""
+        return await self._transition("cancel", job_id, "it has already finished")
+
+    async def retry(self, job_id: int) -> Job:
+        """Run a finished (failed, cancelled or succeeded) job again."""
+        return await self._transition("retry", job_id, "only finished jobs can be retried")
+
+    async def _transition(self, name: str, job_id: int, refusal: str) -> Job:
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(QUERIES[name], {"id": job_id})
+            row = await cur.fetchone()
+        if row is None:
+            raise JobNotFound(f"job {job_id} not found")
+        if not row["changed"]:
+            raise InvalidTransition(f"job {job_id} is {row['state']}: {refusal}")
+        return Job.from_row(row)
+
+class _KeyRace(Exception):
+    pass
+
+
+class SyncQueue:
+    """Synchronous enqueue over one short-lived connection (scripts, sync frameworks)."""
+
+    def __init__(self, app: App, dsn: str) -> None:
+        self.app = app
+        self.dsn = dsn
+
+    def enqueue(self, request: JobRequest) -> Job:
+        row = self.app.prepare(request)
+        with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as conn:
+            for _ in range(3):
+                found = conn.execute(QUERIES["enqueue"], {**row, "args": Jsonb(row["args"])}
+                                     ).fetchone()
+                if found:
+                    return Job.from_row(found)
+        raise InvalidTransition("idempotency key conflict did not settle; try again")

@@ -1,0 +1,220 @@
+"""A replica's life in the registry: jittered start, budget claim, pool, heartbeat.
+
+Both tiers run one ``Replica``. It claims its pool maximum plus its LISTEN connection in
+``tierline.replicas`` inside a transaction holding the budget lock, so the sum of live
+claims never exceeds the budget. Until a claim succeeds the replica is not ready and
+holds no connection; it retries with jittered backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from tierline import __version__, budget, metrics, migrations
+from tierline.database import Conn, backoff_delays, connect, describe_error, make_pool
+from tierline.errors import SchemaError
+from tierline.logs import get_logger
+from tierline.queries import QUERIES
+from tierline.settings import Settings, Tier, env_name
+
+log = get_logger(__name__)
+
+
+class Replica:
+    """One process of a tier, as the registry and the budget see it."""
+
+    def __init__(self, settings: Settings, tier: Tier, *, cores: budget.Cores | None = None,
+                 stats: Callable[[], dict[str, Any]] | None = None,
+                 pool_need: int | None = None) -> None:
+        self.settings = settings
+        self.tier: Tier = tier
+        self.id = uuid.uuid4()
+        self.cores = cores or budget.usable_cores()
+        self.plan = budget.cpu_capped_pool(settings, tier, self.cores)
+        self.granted: budget.PoolPlan | None = None
+        self.budget: budget.Budget | None = None
+        self.pool: AsyncConnectionPool[Conn] | None = None
+        self.ready = False
+        self.reason = "starting"
+        self.stats = stats or (lambda: {})
+        self.pool_need = pool_need
+        self.healthy_db = True
+        metrics.POOLS.source = self.pool_snapshot
+
+    # -- start-up -----------------------------------------------------------------------------
+    async def start(self, stop: asyncio.Event) -> bool:
+        """Wait the jitter, claim budget, open the pool. False when stopped first."""
+        jitter = random.uniform(0, self.settings.startup_jitter_s)
+        if jitter:
+            log.info("start-up jitter", wait_s=round(jitter, 3))
+            if await _wait(stop, jitter):
+                return False
+        for cap in self.plan.caps:
+            _log_cap(cap)
+        self._warn_pool_need()
+        delays = backoff_delays(base=0.5, cap=10.0)
+        last_reason = ""
+        while not stop.is_set():
+            try:
+                granted = await self._claim()
+            except SchemaError as exc:
+                granted, self.reason = None, str(exc)
+            except Exception as exc:
+                granted, self.reason = None, f"database unreachable: {describe_error(exc)}"
+            if granted is not None:
+                break
+            if self.reason != last_reason:
+                log.warning("replica not ready", reason=self.reason)
+                last_reason = self.reason
+            if await _wait(stop, next(delays)):
+                return False
+        else:
+            return False
+        self.granted = granted
+        for cap in granted.caps[len(self.plan.caps):]:
+            _log_cap(cap)
+        self.pool = make_pool(self.settings, min_size=granted.min_size,
+                              max_size=granted.max_size, name=self.tier)
+        await self.pool.open(wait=False)
+        self.ready, self.reason = True, ""
+        log.info("replica ready", replica=str(self.id), pool_max=granted.max_size,
+                 pool_requested_max=self.plan.requested_max, claimed=granted.claimed,
+                 budget=self.budget.total if self.budget else None)
+        return True
+
+    def _warn_pool_need(self) -> None:
+        if self.pool_need is not None and self.plan.max_size < self.pool_need:
+            log.warning(
+                "worker pool is smaller than its concurrency needs",
+                variable=env_name("worker_db_pool_max"), pool_max=self.plan.max_size,
+                needed=self.pool_need, concurrency=self.settings.worker_concurrency,
+                advice="jobs will wait for connections; raise the pool or lower "
+                f"{env_name('worker_concurrency')}",
+            )
+
+    async def _claim(self) -> budget.PoolPlan | None:
+        conn = await connect(self.settings.direct_dsn(), self.settings, attempts=1,
+                             application_name=f"tierline-{self.tier}-claim")
+        try:
+            await migrations.check(conn)  # type: ignore[arg-type]
+            async with conn.transaction():
+                await conn.execute(QUERIES["budget_lock"])
+                limits = await (await conn.execute(QUERIES["server_limits"])).fetchone()
+                assert limits is not None
+                self.budget = budget.budget(self.settings, limits["max_connections"],
+                                            limits["superuser_reserved"], limits["reserved"])
+                live = await (await conn.execute(QUERIES["live_claims"],
+                                                 {"id": self.id})).fetchone()
+                assert live is not None
+                free = self.budget.total - live["claimed"]
+                granted = budget.fit_to_budget(self.plan, free, self.budget.total)
+                if granted is None:
+                    need = budget.MIN_USABLE_POOL[self.tier] + budget.LISTEN_CONNECTIONS
+                    self.reason = (
+                        f"connection budget exhausted: needs at least {need} connections, "
+                        f"{max(0, free)} of {self.budget.total} free "
+                        f"({live['replicas']} live replicas hold {live['claimed']}; "
+                        f"budget from {self.budget.source})"
+                    )
+                await conn.execute(QUERIES["upsert_replica"], self._row(granted))
+            return granted
+        finally:
+            await conn.close()
+
+    def _row(self, granted: budget.PoolPlan | None) -> dict[str, Any]:
+        return {
+            "id": self.id, "tier": self.tier, "host": socket.gethostname(), "pid": os.getpid(),
+            "version": __version__, "lease_s": self.settings.replica_lease_s,
+            "requested_pool": self.plan.requested_max,
+            "pool_max": granted.max_size if granted else 0,
+            "claimed": granted.claimed if granted else 0,
+            "ready": granted is not None, "reason": None if granted else self.reason,
+            "stats": Jsonb(self.snapshot()),
+        }
+
+    # -- running --------------------------------------------------------------------------------
+    async def heartbeat_forever(self) -> None:
+        """Refresh the registry row every ``heartbeat_s``; re-claim if the lease lapsed."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s * random.uniform(0.9, 1.0))
+            await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        if self.pool is None:
+            return
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(QUERIES["heartbeat"], {
+                    "id": self.id, "stats": Jsonb(self.snapshot()), "ready": self.ready,
+                    "reason": self.reason or None,
+                })
+                alive = await cur.fetchone()
+            self.healthy_db = True
+            if self.reason.startswith("database unreachable"):
+                self.ready, self.reason = True, ""
+        except Exception as exc:
+            self.healthy_db = False
+            self.ready, self.reason = False, f"database unreachable: {describe_error(exc)}"
+            log.warning("heartbeat failed", error=describe_error(exc))
+            return
+        if alive is None:
+            # Our lease ran out (a long outage or pause): the claim is void; make it again.
+            log.warning("replica lease lapsed; claiming the budget again")
+            try:
+                again = await self._claim()
+            except Exception as exc:
+                log.warning("re-claim failed", error=describe_error(exc))
+                return
+            if again is None:
+                log.error("connection budget taken meanwhile; running over budget until it "
+                          "frees", reason=self.reason)
+
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"cores": self.cores.usable, "cores_source": self.cores.source}
+        pool = self.pool_snapshot()
+        if pool:
+            out["pool"] = pool
+        out.update(self.stats())
+        return out
+
+    def pool_snapshot(self) -> dict[str, Any] | None:
+        if self.pool is None:
+            return {"tier": self.tier, "size": 0, "in_use": 0, "idle": 0, "max": 0,
+                    "requested_max": self.plan.requested_max, "waiting": 0, "waits": 0,
+                    "wait_s": 0.0, "timeouts": 0, "utilization": 0.0}
+        return metrics.pool_snapshot(self.tier, self.pool.get_stats(), self.plan.requested_max)
+
+    async def close(self) -> None:
+        """Leave the registry (releasing the claim at once) and close the pool."""
+        if self.pool is not None:
+            try:
+                async with self.pool.connection(timeout=2) as conn:
+                    await conn.execute(QUERIES["stop_replica"], {"id": self.id})
+            except Exception as exc:
+                log.warning("could not deregister; the claim lapses with the lease",
+                            error=describe_error(exc))
+            await self.pool.close(timeout=5)
+        self.ready, self.reason = False, "stopped"
+
+
+def _log_cap(cap: budget.Cap) -> None:
+    log.warning("pool size capped", variable=cap.variable, requested=cap.requested,
+                applied=cap.applied, reason=cap.reason)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep ``seconds`` unless ``stop`` is set first; True when stopped."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+        return True
+    except TimeoutError:
+        return False

@@ -1,0 +1,407 @@
+-- Tierline's queries, by name. `tierline.queries` loads every `-- name: NAME` block.
+-- Parameters use psycopg's %(name)s style. A data-modifying CTE always runs; a plain
+-- SELECT CTE runs only when referenced, hence the `notified` CTEs are referenced below.
+
+-- name: enqueue
+-- One job; with an idempotency key that exists already, nothing is inserted and the
+-- existing job is returned with created = false.
+WITH ins AS (
+    INSERT INTO tierline.jobs
+        (queue, kind, args, state, priority, run_at, max_attempts, timeout_s, idempotency_key)
+    VALUES (
+        %(queue)s, %(kind)s, %(args)s,
+        CASE WHEN %(run_at)s::timestamptz > now() THEN 'scheduled' ELSE 'available' END,
+        %(priority)s, coalesce(%(run_at)s::timestamptz, now()), %(max_attempts)s,
+        %(timeout_s)s, %(idempotency_key)s)
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+), ev AS (
+    INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
+    SELECT id, 1, 'enqueued', queue, kind,
+           jsonb_build_object('state', state, 'run_at', run_at, 'priority', priority)
+    FROM ins
+), notified AS (
+    SELECT pg_notify('tierline_jobs', queue) FROM ins WHERE state = 'available'
+    UNION ALL
+    SELECT pg_notify('tierline_events', id::text) FROM ins
+)
+SELECT ins.*, true AS created FROM ins WHERE (SELECT count(*) FROM notified) >= 0
+UNION ALL
+SELECT j.*, false AS created FROM tierline.jobs j
+WHERE %(idempotency_key)s::text IS NOT NULL AND j.idempotency_key = %(idempotency_key)s
+  AND NOT EXISTS (SELECT 1 FROM ins);
+
+-- name: enqueue_batch
+-- Many jobs in one statement; rows come back in input order (`ord`). Duplicate keys within
+-- one batch are removed by the caller; a key committed concurrently leaves a row out and
+-- the caller retries the whole transaction.
+WITH u AS (
+    SELECT u.*, nextval(pg_get_serial_sequence('tierline.jobs', 'id')) AS id
+    FROM unnest(%(queues)s::text[], %(kinds)s::text[], %(args)s::jsonb[],
+                %(priorities)s::smallint[], %(run_ats)s::timestamptz[], %(max_attempts)s::int[],
+                %(timeouts)s::float8[], %(keys)s::text[])
+         WITH ORDINALITY AS u(queue, kind, args, priority, run_at, max_attempts, timeout_s,
+                              idempotency_key, ord)
+), ins AS (
+    INSERT INTO tierline.jobs
+        (id, queue, kind, args, state, priority, run_at, max_attempts, timeout_s,
+         idempotency_key)
+    SELECT id, queue, kind, args,
+           CASE WHEN run_at > now() THEN 'scheduled' ELSE 'available' END,
+           priority, coalesce(run_at, now()), max_attempts, timeout_s, idempotency_key
+    FROM u ORDER BY ord
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+), ev AS (
+    INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
+    SELECT id, 1, 'enqueued', queue, kind,
+           jsonb_build_object('state', state, 'run_at', run_at, 'priority', priority)
+    FROM ins
+), notified AS (
+    SELECT pg_notify('tierline_jobs', q)
+    FROM (SELECT DISTINCT queue AS q FROM ins WHERE state = 'available') s
+    UNION ALL
+    SELECT pg_notify('tierline_events',
+                     CASE WHEN count(*) > 300 THEN '*' ELSE string_agg(id::text, ',') END)
+    FROM ins HAVING count(*) > 0
+)
+SELECT u.ord, j.* FROM u
+LEFT JOIN ins ON ins.id = u.id
+CROSS JOIN LATERAL (
+    SELECT ins.*, true AS created WHERE ins.id IS NOT NULL
+    UNION ALL
+    SELECT e.*, false AS created FROM tierline.jobs e
+    WHERE ins.id IS NULL AND e.idempotency_key = u.idempotency_key
+) j
+WHERE (SELECT count(*) FROM notified) >= 0
+ORDER BY u.ord;
+
+-- name: claim
+-- The River pattern: lock waiting, due jobs with SKIP LOCKED (so claimers never wait on
+-- each other), then mark them running under a lease judged by the database clock.
+WITH picked AS (
+    SELECT id FROM tierline.jobs
+    WHERE state IN ('available', 'scheduled', 'retrying')
+      AND queue = ANY(%(queues)s::text[]) AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE tierline.jobs j
+    SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
+        lease_expires_at = now() + make_interval(secs => %(lease_s)s),
+        started_at = now(), updated_at = now(), event_seq = j.event_seq + 1
+    FROM picked WHERE j.id = picked.id
+    RETURNING j.id, j.queue, j.kind, j.args, j.attempt, j.max_attempts, j.timeout_s,
+              j.priority, j.run_at, j.created_at, j.event_seq, now() AS claimed_at
+), ev AS (
+    INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
+    SELECT id, event_seq, 'started', queue, kind,
+           jsonb_build_object('attempt', attempt, 'replica', %(owner)s::text)
+    FROM claimed
+), notified AS (
+    SELECT pg_notify('tierline_events',
+                     CASE WHEN count(*) > 300 THEN '*' ELSE string_agg(id::text, ',') END)
+    FROM claimed HAVING count(*) > 0
+)
+SELECT claimed.*, extract(epoch FROM claimed_at - greatest(run_at, created_at)) AS pickup_s
+FROM claimed WHERE (SELECT count(*) FROM notified) >= 0;
+
+-- name: record_events
+-- Progress and log events of running jobs, written in batches. Each job's seq advances
+-- under its row lock; a job past its event cap keeps only what fits.
+WITH u AS (
+    SELECT * FROM unnest(%(job_ids)s::bigint[], %(types)s::text[], %(datas)s::jsonb[])
+        WITH ORDINALITY AS u(job_id, type, data, ord)
+), c AS (
+    SELECT job_id, count(*) AS n,
+           (array_agg(data ORDER BY ord DESC) FILTER (WHERE type = 'progress'))[1] AS progress
+    FROM u GROUP BY job_id
+), upd AS (
+    UPDATE tierline.jobs j
+    SET event_seq = j.event_seq + c.n, progress = coalesce(c.progress, j.progress),
+        updated_at = now()
+    FROM c
+    WHERE j.id = c.job_id AND j.state = 'running' AND j.lease_owner = %(owner)s
+      AND j.event_seq + c.n <= %(max_events)s
+    RETURNING j.id, j.event_seq - c.n AS base, j.queue, j.kind
+), ins AS (
+    INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
+    SELECT u.job_id,
+           upd.base + row_number() OVER (PARTITION BY u.job_id ORDER BY u.ord),
+           u.type, upd.queue, upd.kind, u.data
+    FROM u JOIN upd ON upd.id = u.job_id
+    RETURNING job_id
+)
+SELECT count(*) AS written,
+       (SELECT pg_notify('tierline_events', string_agg(DISTINCT job_id::text, ','))
+        FROM (SELECT job_id FROM ins LIMIT 300) s) IS NULL AS notified
+FROM ins;
+
+-- name: finish_batch
+-- Acknowledge finished attempts in one statement. Only jobs this replica still holds
+-- (same owner, same attempt, still running) are changed; the rest were taken away.
+WITH d AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(states)s::text[],
+                         %(results)s::jsonb[], %(errors)s::jsonb[], %(delays)s::float8[])
+        AS d(id, attempt, state, result, error, delay_s)
+), upd AS (
+    UPDATE tierline.jobs j
+    SET state = d.state, result = d.result, error = coalesce(d.error, j.error),
+        run_at = CASE WHEN d.state = 'retrying'
+                      THEN now() + make_interval(secs => d.delay_s) ELSE j.run_at END,
+        finished_at = CASE WHEN d.state = 'retrying' THEN NULL ELSE now() END,
+        lease_owner = NULL, lease_expires_at = NULL,
+        event_seq = j.event_seq + 1, updated_at = now()
+    FROM d
+    WHERE j.id = d.id AND j.state = 'running' AND j.lease_owner = %(owner)s
+      AND j.attempt = d.attempt
+    RETURNING j.id, j.queue, j.kind, j.state, j.event_seq, j.attempt, j.max_attempts,
+              j.run_at, d.result, d.error,
+              extract(epoch FROM now() - j.started_at) AS duration_s
+), ev AS (
+    INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
+    SELECT id, event_seq, state, queue, kind,
+           jsonb_strip_nulls(jsonb_build_object(
+               'attempt', attempt, 'result', result, 'error', error,
+               'run_at', CASE WHEN state = 'retrying' THEN run_at END))
+    FROM upd
+), notified AS (
+    SELECT pg_notify('tierline_events',
+                     CASE WHEN count(*) > 300 THEN '*' ELSE string_agg(id::text, ',') END)
+    FROM upd HAVING count(*) > 0
+)
+SELECT id, queue, kind, state, attempt, duration_s FROM upd
+WHERE (SELECT count(*) FROM notified) >= 0;
+
+-- name: release
+-- Hand running jobs back on shutdown: available again, the interrupted attempt not counted.
+WITH upd AS (
+    UPDATE tierline.jobs j
+    SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'available' ELSE 'cancelled' END,
+        finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
+        attempt = CASE WHEN j.cancel_requested_at IS NULL THEN j.attempt - 1 ELSE j.attempt END,
+        run_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+        event_seq = j.event_seq + 1, updated_at = now()
+    WHERE j.id = ANY(%(ids)s::bigint[]) AND j.state = 'running' AND j.lease_owner = %(owner)s
+    RETURNING j.id, j.queue, j.kind, j.state, j.event_seq
+), ev AS (
+    INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
+    SELECT id, event_seq, CASE WHEN state = 'available' THEN 'retrying' ELSE state END,
+           queue, kind, jsonb_build_object('reason', 'worker shut down')
+    FROM upd
+), notified AS (
+    SELECT pg_notify('tierline_jobs', q)
+    FROM (SELECT DISTINCT queue AS q FROM upd WHERE state = 'available') s
+    UNION ALL
+    SELECT pg_notify('tierline_events', string_agg(id::text, ',')) FROM upd HAVING count(*) > 0
+)
+SELECT id, state FROM upd WHERE (SELECT count(*) FROM notified) >= 0;
+
+-- name: renew_leases
+-- Heartbeat of running jobs. Jobs not returned were taken away (their lease ran out);
+-- cancel_requested tells the worker to stop them.
+UPDATE tierline.jobs
+SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'running' AND lease_owner = %(owner)s
+RETURNING id, cancel_requested_at IS NOT NULL AS cancel_requested;
+
+-- name: rescue_expired
+-- Jobs whose lease ran out (their replica is gone): available again, or failed when that
+-- was the last attempt, or cancelled when a cancel was pending.
+WITH expired AS (
+    SELECT id FROM tierline.jobs
+    WHERE state = 'running' AND lease_expires_at < now()
+    ORDER BY lease_expires_at LIMIT 1000
+    FOR UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE tierline.jobs j
+    SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                     WHEN j.attempt >= j.max_attempts THEN 'failed'
+                     ELSE 'available' END,
+        error = jsonb_build_object('type', 'LeaseExpired', 'attempt', j.attempt,
+            'message', 'the replica running this attempt stopped heartbeating'),
+        finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                             OR j.attempt >= j.max_attempts THEN now() END,
+        run_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+        event_seq = j.event_seq + 1, updated_at = now()
+    FROM expired WHERE j.id = expired.id
+    RETURNING j.id, j.queue, j.kind, j.state, j.event_seq, j.attempt, j.error
+), ev AS (
+    INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
+    SELECT id, event_seq, CASE WHEN state = 'available' THEN 'retrying' ELSE state END,
+           queue, kind, jsonb_build_object('attempt', attempt, 'error', error,
+                                           'reason', 'lease expired')
+    FROM upd
+), notified AS (
+    SELECT pg_notify('tierline_jobs', q)
+    FROM (SELECT DISTINCT queue AS q FROM upd WHERE state = 'available') s
+    UNION ALL
+    SELECT pg_notify('tierline_events',
+                     CASE WHEN count(*) > 300 THEN '*' ELSE string_agg(id::text, ',') END)
+    FROM upd HAVING count(*) > 0
+)
+SELECT id, queue, state FROM upd WHERE (SELECT count(*) FROM notified) >= 0;
+
+-- name: promote_due
+-- Scheduled and retrying jobs whose time has come become available (claims take them
+-- either way; this keeps the visible state and queue depth true).
+WITH due AS (
+    SELECT id FROM tierline.jobs
+    WHERE state IN ('scheduled', 'retrying') AND run_at <= now()
+    LIMIT 5000 FOR UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE tierline.jobs j SET state = 'available', updated_at = now()
+    FROM due WHERE j.id = due.id
+    RETURNING j.queue
+)
+SELECT q AS queue, pg_notify('tierline_jobs', q) IS NULL AS notified
+FROM (SELECT DISTINCT queue AS q FROM upd) s;
+
+-- name: prune
+-- Finished jobs past retention, and their events.
+WITH old AS (
+    SELECT id FROM tierline.jobs
+    WHERE state IN ('succeeded', 'failed', 'cancelled')
+      AND finished_at < now() - make_interval(secs => %(retention_s)s)
+    LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), ev AS (
+    DELETE FROM tierline.job_events e USING old WHERE e.job_id = old.id
+), del AS (
+    DELETE FROM tierline.jobs j USING old WHERE j.id = old.id RETURNING 1
+)
+SELECT count(*) AS pruned FROM del;
+
+-- name: cancel
+-- A waiting job is cancelled at once; a running one gets a cancel request its worker
+-- sees through NOTIFY (and its next heartbeat at the latest).
+WITH target AS (
+    SELECT id, state FROM tierline.jobs WHERE id = %(id)s FOR UPDATE
+), upd AS (
+    UPDATE tierline.jobs j
+    SET state = CASE WHEN t.state = 'running' THEN 'running' ELSE 'cancelled' END,
+        finished_at = CASE WHEN t.state = 'running' THEN NULL ELSE now() END,
+        cancel_requested_at = coalesce(j.cancel_requested_at, now()),
+        event_seq = j.event_seq + CASE WHEN t.state = 'running' THEN 0 ELSE 1 END,
+        updated_at = now()
+    FROM target t
+    WHERE j.id = t.id AND t.state IN ('scheduled', 'available', 'retrying', 'running')
+    RETURNING j.*
+), ev AS (
+    INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
+    SELECT id, event_seq, 'cancelled', queue, kind, jsonb_build_object('by', 'api')
+    FROM upd WHERE state = 'cancelled'
+), notified AS (
+    SELECT pg_notify(CASE WHEN state = 'running' THEN 'tierline_cancel'
+                          ELSE 'tierline_events' END, id::text)
+    FROM upd
+)
+SELECT upd.*, true AS changed FROM upd WHERE (SELECT count(*) FROM notified) >= 0
+UNION ALL
+SELECT j.*, false AS changed FROM tierline.jobs j
+WHERE j.id = %(id)s AND NOT EXISTS (SELECT 1 FROM upd);
+
+-- name: retry
+-- A finished job runs again (one more attempt than it has had).
+WITH target AS (
+    SELECT id, state FROM tierline.jobs WHERE id = %(id)s FOR UPDATE
+), upd AS (
+    UPDATE tierline.jobs j
+    SET state = 'available', run_at = now(), finished_at = NULL, cancel_requested_at = NULL,
+        max_attempts = greatest(j.max_attempts, j.attempt + 1),
+        event_seq = j.event_seq + 1, updated_at = now()
+    FROM target t
+    WHERE j.id = t.id AND t.state IN ('succeeded', 'failed', 'cancelled')
+    RETURNING j.*
+), ev AS (
+    INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
+    SELECT id, event_seq, 'retrying', queue, kind, jsonb_build_object('by', 'api')
+    FROM upd
+), notified AS (
+    SELECT pg_notify('tierline_jobs', queue) FROM upd
+    UNION ALL
+    SELECT pg_notify('tierline_events', id::text) FROM upd
+)
+SELECT upd.*, true AS changed FROM upd WHERE (SELECT count(*) FROM notified) >= 0
+UNION ALL
+SELECT j.*, false AS changed FROM tierline.jobs j
+WHERE j.id = %(id)s AND NOT EXISTS (SELECT 1 FROM upd);
+
+-- name: get_job
+SELECT * FROM tierline.jobs WHERE id = %(id)s;
+
+-- name: list_jobs
+-- Keyset pagination on id (newest first); every filter optional.
+SELECT * FROM tierline.jobs
+WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
+  AND (%(state)s::text IS NULL OR state = %(state)s)
+  AND (%(kind)s::text IS NULL OR kind = %(kind)s)
+  AND (%(before)s::bigint IS NULL OR id < %(before)s)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: job_events_after
+-- Replay of one job's stream.
+SELECT job_id, seq, type, queue, kind, data, at FROM tierline.job_events
+WHERE job_id = %(job_id)s AND seq > %(after)s
+ORDER BY seq LIMIT %(limit)s;
+
+-- name: jobs_events_after
+-- Catch-up of many jobs' streams at once (one query per notification per web replica).
+SELECT e.job_id, e.seq, e.type, e.queue, e.kind, e.data, e.at
+FROM unnest(%(job_ids)s::bigint[], %(afters)s::int[]) AS c(job_id, after)
+JOIN tierline.job_events e ON e.job_id = c.job_id AND e.seq > c.after
+ORDER BY e.job_id, e.seq
+LIMIT %(limit)s;
+
+-- name: firehose_after
+-- Events in commit-safe order: only rows of transactions older than every transaction
+-- still running, so nothing can later appear behind the cursor.
+SELECT e.xid::text AS xid, e.id, e.job_id, e.seq, e.type, e.queue, e.kind, e.data, e.at
+FROM tierline.job_events e
+WHERE (e.xid, e.id) > (%(xid)s::xid8, %(id)s::bigint)
+  AND e.xid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY e.xid, e.id
+LIMIT %(limit)s;
+
+-- name: firehose_head
+-- Where the firehose stands now: the position after the newest committed-safe event.
+SELECT coalesce(max(xid), '0'::xid8)::text AS xid, coalesce(max(id), 0) AS id
+FROM (SELECT e.xid, e.id FROM tierline.job_events e
+      WHERE e.xid < pg_snapshot_xmin(pg_current_snapshot())
+      ORDER BY e.xid DESC, e.id DESC LIMIT 1) s;
+
+-- name: queue_stats
+-- Depth per queue and state, and the age of the oldest due waiting job.
+SELECT queue, state, count(*) AS n,
+       extract(epoch FROM now() - min(run_at) FILTER (
+           WHERE state IN ('available', 'scheduled', 'retrying') AND run_at <= now()))
+           AS oldest_s
+FROM tierline.jobs GROUP BY queue, state;
+
+-- name: queue_throughput
+-- Jobs finished per queue over the last 1, 5 and 15 minutes.
+SELECT queue,
+       count(*) FILTER (WHERE finished_at > now() - interval '1 minute') AS m1,
+       count(*) FILTER (WHERE finished_at > now() - interval '5 minutes') AS m5,
+       count(*) AS m15,
+       count(*) FILTER (WHERE state = 'failed') AS failed_m15
+FROM tierline.jobs
+WHERE state IN ('succeeded', 'failed', 'cancelled')
+  AND finished_at > now() - interval '15 minutes'
+GROUP BY queue;
+
+-- name: recent_failures
+SELECT id, queue, kind, attempt, error, finished_at FROM tierline.jobs
+WHERE state = 'failed' ORDER BY finished_at DESC NULLS LAST LIMIT %(limit)s;
+
+-- name: stats_get
+SELECT value, extract(epoch FROM now() - updated_at) AS age_s
+FROM tierline.stats WHERE key = %(key)s;
+
+-- name: stats_put
+INSERT INTO tierline.stats (key, value, updated_at) VALUES (%(key)s, %(value)s, now())
+ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = now();
+
+-- name: stats_lock
+SELECT pg_try_advisory_xact_lock(7347123003) AS ok;

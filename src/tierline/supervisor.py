@@ -1,0 +1,199 @@
+"""``tierline up``: both tiers as separate OS processes on one machine.
+
+Starts the database (embedded unless a URL is given), migrates, runs N web replicas
+sharing one port (``SO_REUSEPORT``: the kernel balances connections) and M worker
+replicas, restarts a replica that crashes, scales either tier on request
+(``tierline scale``, over a Unix socket in the data folder) without touching the other,
+and stops everything cleanly on Ctrl+C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tierline.logs import get_logger
+from tierline.settings import Settings
+
+log = get_logger(__name__)
+
+TIERS = ("web", "worker")
+CONTROL_SOCKET = "control.sock"
+
+
+@dataclass
+class Child:
+    tier: str
+    slot: int
+    proc: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    stopping: bool = False
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, env: dict[str, str], *, web: int, workers: int
+                 ) -> None:
+        self.settings = settings
+        self.env = env
+        self.want = {"web": web, "worker": workers}
+        self.children: dict[tuple[str, int], Child] = {}
+        self.restart_at: dict[tuple[str, int], float] = {}
+        self.crashes: dict[tuple[str, int], int] = {}
+        self.stop = asyncio.Event()
+        self.data_dir = Path(settings.data_dir).resolve()
+
+    # -- processes --------------------------------------------------------------------------
+    def _spawn(self, tier: str, slot: int) -> Child:
+        env = dict(self.env)
+        args = [sys.executable, "-m", "tierline", tier]
+        if tier == "web":
+            args.append("--reuse-port")
+        else:
+            base = self.settings.worker_metrics_port
+            env["TIERLINE_WORKER_METRICS_PORT"] = str(base + slot if base else 0)
+        proc = subprocess.Popen(args, env=env, start_new_session=True)
+        child = Child(tier, slot, proc, restarts=self.crashes.get((tier, slot), 0))
+        self.children[(tier, slot)] = child
+        log.info("replica started", tier=tier, slot=slot, pid=proc.pid)
+        return child
+
+    def _terminate(self, child: Child) -> None:
+        if child.proc.poll() is None and not child.stopping:
+            child.stopping = True
+            child.proc.send_signal(signal.SIGTERM)
+
+    async def reconcile(self) -> None:
+        """Start missing replicas, stop surplus ones, restart crashed ones (with backoff)."""
+        now = time.monotonic()
+        for key, child in list(self.children.items()):
+            code = child.proc.poll()
+            if code is None:
+                continue
+            del self.children[key]
+            tier, slot = key
+            if child.stopping or slot >= self.want[tier]:
+                log.info("replica stopped", tier=tier, slot=slot, pid=child.proc.pid,
+                         exit_code=code)
+                continue
+            n = self.crashes.get(key, 0) + 1
+            self.crashes[key] = n if now - child.started < 60 else 1
+            delay = min(30.0, 0.5 * 2 ** (self.crashes[key] - 1))
+            self.restart_at[key] = now + delay
+            log.warning("replica exited unexpectedly; restarting", tier=tier, slot=slot,
+                        pid=child.proc.pid, exit_code=code, restart_in_s=delay)
+        for tier in TIERS:
+            for slot in range(self.want[tier]):
+                key = (tier, slot)
+                if key not in self.children and self.restart_at.get(key, 0) <= now:
+                    self._spawn(tier, slot)
+            for (t, slot), child in list(self.children.items()):
+                if t == tier and slot >= self.want[tier]:
+                    self._terminate(child)
+
+    def scale(self, tier: str, n: int) -> dict[str, Any]:
+        if tier not in TIERS or n < 0 or n > 64:
+            return {"error": f"expected web=N or worker=N with N in 0..64, got {tier}={n}"}
+        old = self.want[tier]
+        self.want[tier] = n
+        log.info("scaling", tier=tier, replicas_before=old, replicas=n)
+        return {"tier": tier, "from": old, "to": n}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "want": dict(self.want),
+            "replicas": [
+                {"tier": c.tier, "slot": c.slot, "pid": c.proc.pid,
+                 "uptime_s": round(time.monotonic() - c.started, 1)}
+                for c in sorted(self.children.values(), key=lambda c: (c.tier, c.slot))
+            ],
+        }
+
+    # -- control socket -----------------------------------------------------------------------
+    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=5)
+            request = json.loads(line or b"{}")
+            if "scale" in request:
+                reply: dict[str, Any] = {"results": [
+                    self.scale(str(tier), int(n)) for tier, n in request["scale"].items()]}
+                await self.reconcile()
+            else:
+                reply = self.status()
+        except (ValueError, TypeError, AttributeError, TimeoutError) as exc:
+            reply = {"error": f"bad control request: {exc}"}
+        writer.write(json.dumps(reply).encode() + b"\n")
+        await writer.drain()
+        writer.close()
+
+    # -- main loop ----------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                log.info("stopping all replicas; Ctrl+C again forces")
+                self.stop.set()
+            else:
+                for child in self.children.values():
+                    child.proc.kill()
+                os._exit(1)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        sock_path = self.data_dir / CONTROL_SOCKET
+        if sock_path.exists():
+            sock_path.unlink()
+        server = await asyncio.start_unix_server(self._control, path=str(sock_path))
+        try:
+            while not self.stop.is_set():
+                await self.reconcile()
+                try:
+                    await asyncio.wait_for(self.stop.wait(), timeout=0.5)
+                except TimeoutError:
+                    pass
+        finally:
+            server.close()
+            if sock_path.exists():
+                sock_path.unlink()
+            await self._stop_all()
+        return 0
+
+    async def _stop_all(self) -> None:
+        for child in self.children.values():
+            self._terminate(child)
+        deadline = time.monotonic() + self.settings.worker_shutdown_grace_s + 10
+        while time.monotonic() < deadline and any(
+                c.proc.poll() is None for c in self.children.values()):
+            await asyncio.sleep(0.1)
+        for child in self.children.values():
+            if child.proc.poll() is None:
+                log.warning("replica did not stop in time; killing", tier=child.tier,
+                            pid=child.proc.pid)
+                child.proc.kill()
+                child.proc.wait()
+        log.info("all replicas stopped")
+
+
+async def send_control(data_dir: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Talk to a running ``tierline up`` (used by ``tierline scale``)."""
+    path = Path(data_dir).resolve() / CONTROL_SOCKET
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(json.dumps(request).encode() + b"\n")
+    await writer.drain()
+    line = await asyncio.wait_for(reader.readline(), timeout=10)
+    writer.close()
+    result: dict[str, Any] = json.loads(line)
+    return result

@@ -1,0 +1,85 @@
+"""Operations routes: health, readiness, metrics, queues, cluster, dashboard."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from tierline import health
+from tierline.web.errors import COMMON
+from tierline.web.runtime import Runtime, runtime
+
+router = APIRouter(tags=["operations"])
+
+
+def _reader(request: Request, rt: Runtime = Depends(runtime)) -> Runtime:
+    rt.keys.check(request, "read")
+    return rt
+
+
+@router.get("/healthz")
+async def healthz() -> JSONResponse:
+    """Liveness: the process answers (independent of the database)."""
+    return health.healthz()
+
+
+@router.get("/readyz", responses={503: {"description": "Not ready, with the reason."}})
+async def readyz(rt: Runtime = Depends(runtime)) -> JSONResponse:
+    """Readiness: budget claimed, pool open, schema current, database reachable."""
+    return health.readyz(rt.readiness)
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}}})
+async def metrics_route(request: Request, rt: Runtime = Depends(runtime)) -> Response:
+    """Prometheus metrics of this replica."""
+    if rt.settings.protect_metrics:
+        rt.keys.check(request, "read")
+    if rt.stats is not None and rt.replica.ready:
+        try:
+            await rt.stats.queues()
+            await rt.stats.cluster()
+        except Exception:  # database metrics are best effort; the rest still answers
+            pass
+    return health.metrics_response()
+
+
+@router.get("/v1/queues", responses=COMMON)
+async def queues(rt: Runtime = Depends(_reader)) -> dict[str, Any]:
+    """Per queue: jobs in each state, oldest due age, throughput over 1, 5 and 15 minutes."""
+    return await rt.require_stats().queues()
+
+
+@router.get("/v1/cluster", responses=COMMON)
+async def cluster(rt: Runtime = Depends(_reader)) -> dict[str, Any]:
+    """The replica registry: replicas (alive, dead, stopped), per-tier totals, budget."""
+    stats = rt.require_stats()
+    snap = dict(await stats.cluster())
+    b = rt.replica.budget
+    snap["budget"] = {
+        "total": b.total if b else None, "source": b.source if b else None,
+        "claimed": snap["claimed_connections"],
+        "free": (b.total - snap["claimed_connections"]) if b else None,
+    }
+    return snap
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def dashboard(request: Request, rt: Runtime = Depends(runtime)) -> Response:
+    if rt.settings.protect_metrics:
+        rt.keys.check(request, "read")
+    page = resources.files("tierline.web").joinpath("static/index.html").read_text("utf-8")
+    return HTMLResponse(page, headers=DASHBOARD_HEADERS)
+
+
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}

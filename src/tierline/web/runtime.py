@@ -1,0 +1,53 @@
+"""What a web replica's routes share: settings, the app, the replica and its pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+from fastapi import Request
+
+from tierline.app import App
+from tierline.queue import Queue
+from tierline.replica import Replica
+from tierline.settings import Settings
+from tierline.stats import Stats
+from tierline.streaming import EventHub
+from tierline.web.auth import KeyRing
+from tierline.web.errors import ApiError
+from tierline.web.load import LoadMeter
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    app: App
+    replica: Replica
+    keys: KeyRing
+    hub: EventHub
+    queue: Queue | None = None
+    stats: Stats | None = None
+    draining: bool = False
+    load: LoadMeter = field(default_factory=LoadMeter)
+    shutdown: anyio.Event = field(default_factory=anyio.Event)
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "shutting down"
+        return self.replica.ready, self.replica.reason
+
+    def require_queue(self) -> Queue:
+        if self.queue is None or not self.replica.ready:
+            raise ApiError(503, "not_ready", f"replica not ready: {self.replica.reason}",
+                           headers={"Retry-After": "2"})
+        return self.queue
+
+    def require_stats(self) -> Stats:
+        self.require_queue()
+        assert self.stats is not None
+        return self.stats
+
+
+def runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt

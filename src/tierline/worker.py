@@ -1,0 +1,323 @@
+"""The worker tier's run loop: claim jobs into free slots, run them, acknowledge in batches.
+
+One claimer fetches as many due jobs as there are free slots (``FOR UPDATE SKIP LOCKED``,
+so replicas never block each other) whenever a NOTIFY, a freed slot or the poll interval
+says there may be work. Handlers run as asyncio tasks; plain functions run in a thread
+pool. Outcomes go to the ``Flusher``; leases are renewed by the heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from tierline import metrics
+from tierline.app import App, Handler
+from tierline.context import JobContext
+from tierline.database import Conn, describe_error
+from tierline.flusher import Finish, Flusher
+from tierline.logs import get_logger
+from tierline.maintenance import Maintenance
+from tierline.outcomes import Cancel, Retry
+from tierline.queries import QUERIES
+from tierline.settings import Settings
+
+log = get_logger(__name__)
+
+MAX_ERROR_CHARS = 8000
+RETRY_BASE_S = 1.0
+RETRY_CAP_S = 3600.0
+
+
+def retry_delay(attempt: int) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
+    return random.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(attempt, 30)))
+
+
+@dataclass
+class Running:
+    job_id: int
+    attempt: int
+    queue: str
+    kind: str
+    ctx: JobContext
+    task: asyncio.Task[None] | None = None
+    cancel_deadline: float | None = None
+    done: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """Runs the jobs of ``queues`` with ``concurrency`` slots over ``pool``."""
+
+    def __init__(self, app: App, settings: Settings, pool: AsyncConnectionPool[Conn],
+                 owner: str) -> None:
+        self.app = app
+        self.settings = settings
+        self.pool = pool
+        self.owner = owner
+        self.queues = settings.queues()
+        self.concurrency = settings.worker_concurrency
+        self.running: dict[int, Running] = {}   # handler still running
+        self.held: dict[int, int] = {}          # claimed, not yet acknowledged: id -> attempt
+        self.flusher = Flusher(pool, owner, max_events=settings.max_events_per_job,
+                               on_acked=self._acked)
+        self.maintenance = Maintenance(settings, pool)
+        self.executor = ThreadPoolExecutor(max_workers=min(self.concurrency, 64),
+                                           thread_name_prefix="tierline-job")
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._more = True  # the last claim filled every free slot: more may be waiting
+        self.claiming = True
+        self.completed = 0
+        self._loop = asyncio.get_event_loop()
+        for kind in (k for k, h in app.handlers.items() if h.queue not in self.queues):
+            log.debug("handler's default queue is not worked here", kind=kind)
+
+    # -- wake-ups -----------------------------------------------------------------------------
+    def notify(self, channel: str, payload: str) -> None:
+        """Called by the replica's LISTEN connection."""
+        if channel == "tierline_jobs":
+            if payload in self.queues:
+                self._more = True
+                self._wake.set()
+        elif channel == "tierline_cancel":
+            try:
+                self.request_cancel(int(payload))
+            except ValueError:
+                pass
+
+    def request_cancel(self, job_id: int) -> None:
+        run = self.running.get(job_id)
+        if run is not None and run.cancel_deadline is None:
+            log.info("cancel requested", job_id=job_id)
+            run.ctx._request_cancel()
+            run.cancel_deadline = time.monotonic() + self.settings.worker_cancel_grace_s
+            self._loop.call_later(self.settings.worker_cancel_grace_s, self._hard_cancel, job_id)
+
+    def _hard_cancel(self, job_id: int) -> None:
+        run = self.running.get(job_id)
+        if run is not None and run.task is not None and not run.task.done():
+            log.warning("job ignored its cancel request; cancelling it", job_id=job_id)
+            run.task.cancel("cancel requested")
+
+    # -- claiming -----------------------------------------------------------------------------
+    def free_slots(self) -> int:
+        return self.concurrency - len(self.running)
+
+    async def claim_forever(self) -> None:
+        poll = self.settings.worker_poll_interval_s
+        while self.claiming:
+            free = self.free_slots()
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            if not self._more:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=poll)
+                except TimeoutError:
+                    pass
+                if not self.claiming:
+                    break
+            try:
+                got = await self.claim(self.free_slots())
+            except Exception as exc:
+                log.warning("claim failed; retrying", error=describe_error(exc))
+                self._more = False
+                await asyncio.sleep(min(poll, 1.0) * random.uniform(0.5, 1.5))
+                continue
+            # A full batch means the queue may hold more; otherwise wait for a signal.
+            self._more = got >= free and free > 0
+
+    async def claim(self, limit: int) -> int:
+        if limit <= 0:
+            return 0
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(QUERIES["claim"], {
+                "queues": self.queues, "limit": limit, "owner": self.owner,
+                "lease_s": self.settings.job_lease_s,
+            })
+            rows = await cur.fetchall()
+        for row in rows:
+            self._start(row)
+        return len(rows)
+
+    def _start(self, row: dict[str, Any]) -> None:
+        job_id, attempt, queue = row["id"], row["attempt"], row["queue"]
+        metrics.JOB_PICKUP.labels(queue).observe(max(0.0, float(row["pickup_s"] or 0.0)))
+        ctx = JobContext(job_id=job_id, kind=row["kind"], queue=queue, attempt=attempt,
+                         max_attempts=row["max_attempts"], app=self.app,
+                         emit=self.flusher.event, loop=self._loop, pool=self.pool)
+        run = Running(job_id, attempt, queue, row["kind"], ctx)
+        self.running[job_id] = run
+        self.held[job_id] = attempt
+        run.task = self._loop.create_task(self._execute(run, row))
+
+    # -- running ------------------------------------------------------------------------------
+    async def _execute(self, run: Running, row: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        finish = Finish(run.job_id, run.attempt, run.queue, run.kind, "succeeded")
+        try:
+            handler = self.app.handler(run.kind)
+            timeout = row["timeout_s"]
+            if timeout:
+                async with asyncio.timeout(timeout):
+                    result = await self._call(handler, run.ctx, row["args"])
+            else:
+                result = await self._call(handler, run.ctx, row["args"])
+            finish.result = _jsonable(result)
+        except Retry as r:
+            finish.state = "retrying" if run.attempt < row["max_attempts"] else "failed"
+            finish.delay_s = r.delay if r.delay is not None else retry_delay(run.attempt)
+            finish.error = {"type": "Retry", "message": r.reason or "retry requested",
+                            "attempt": run.attempt}
+        except Cancel as c:
+            finish.state = "cancelled"
+            finish.error = {"type": "Cancel", "message": c.reason or "cancelled by handler",
+                            "attempt": run.attempt}
+        except asyncio.CancelledError:
+            if run.cancel_deadline is None:
+                raise  # the worker is shutting down: the job is handed back, not finished
+            finish.state = "cancelled"
+            finish.error = {"type": "Cancelled", "message": "cancelled on request",
+                            "attempt": run.attempt}
+        except TimeoutError:
+            finish = self._failure(run, row, TimeoutError(
+                f"job timed out after {row['timeout_s']:g} s"), finish)
+        except Exception as exc:
+            finish = self._failure(run, row, exc, finish)
+        finish.duration_s = time.perf_counter() - started
+        if finish.state == "succeeded" and run.cancel_deadline is not None:
+            pass  # it finished before reacting to the cancel: the work is done, keep it
+        run.done = True
+        self.running.pop(run.job_id, None)
+        self._slot_freed.set()
+        self.flusher.finish(finish)
+        self._log_outcome(finish)
+
+    async def _call(self, handler: Handler, ctx: JobContext, args: dict[str, Any]) -> Any:
+        if handler.is_async:
+            if handler.wants_context:
+                return await handler.func(ctx, **args)
+            return await handler.func(**args)
+        call = (functools.partial(handler.func, ctx, **args) if handler.wants_context
+                else functools.partial(handler.func, **args))
+        return await self._loop.run_in_executor(self.executor, call)
+
+    def _failure(self, run: Running, row: dict[str, Any], exc: BaseException,
+                 finish: Finish) -> Finish:
+        finish.error = {
+            "type": type(exc).__name__,
+            "message": str(exc)[:2000],
+            "attempt": run.attempt,
+            "traceback": "".join(traceback.format_exception(exc))[-MAX_ERROR_CHARS:],
+        }
+        if run.attempt < row["max_attempts"]:
+            finish.state = "retrying"
+            finish.delay_s = retry_delay(run.attempt)
+        else:
+            finish.state = "failed"
+        return finish
+
+    def _log_outcome(self, f: Finish) -> None:
+        fields = {"job_id": f.job_id, "kind": f.kind, "queue": f.queue, "attempt": f.attempt,
+                  "outcome": f.state, "duration_s": round(f.duration_s, 4)}
+        if f.state == "failed":
+            log.warning("job failed", error=(f.error or {}).get("message"), **fields)
+        elif f.state == "retrying":
+            log.info("job will retry", error=(f.error or {}).get("message"),
+                     retry_in_s=round(f.delay_s, 2), **fields)
+        else:
+            log.info("job finished", **fields)
+
+    def _acked(self, finishes: list[Finish]) -> None:
+        for f in finishes:
+            if self.held.get(f.job_id) == f.attempt:
+                del self.held[f.job_id]
+        self.completed += len(finishes)
+
+    # -- heartbeat ----------------------------------------------------------------------------
+    async def renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.settings.heartbeat_s, self.settings.job_lease_s / 3))
+            try:
+                await self.renew()
+            except Exception as exc:
+                log.warning("lease renewal failed", error=describe_error(exc))
+
+    async def renew(self) -> None:
+        ids = list(self.held)
+        if not ids:
+            return
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(QUERIES["renew_leases"], {
+                "ids": ids, "owner": self.owner, "lease_s": self.settings.job_lease_s})
+            rows = await cur.fetchall()
+        kept = {r["id"] for r in rows}
+        for r in rows:
+            if r["cancel_requested"]:
+                self.request_cancel(r["id"])
+        for job_id in ids:
+            if job_id not in kept and job_id in self.held and job_id in self.running:
+                log.warning("lost the lease of a running job; it may run again elsewhere",
+                            job_id=job_id)
+
+    # -- shutdown -----------------------------------------------------------------------------
+    async def drain(self, grace_s: float) -> None:
+        """Stop claiming, let running jobs finish within ``grace_s``, hand back the rest."""
+        self.claiming = False
+        self._wake.set()
+        self._slot_freed.set()
+        tasks = [r.task for r in self.running.values() if r.task is not None]
+        if tasks:
+            log.info("waiting for running jobs", jobs=len(tasks), grace_s=grace_s)
+            _done, pending = await asyncio.wait(tasks, timeout=grace_s)
+        else:
+            pending = set()
+        unfinished = [r for r in self.running.values() if not r.done]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=2)
+        await self.flusher.drained(timeout=5)
+        if unfinished:
+            await self.release([r.job_id for r in unfinished])
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def release(self, ids: list[int]) -> None:
+        try:
+            async with self.pool.connection(timeout=5) as conn:
+                cur = await conn.execute(QUERIES["release"], {"ids": ids, "owner": self.owner})
+                rows = await cur.fetchall()
+            log.info("handed running jobs back", jobs=len(rows))
+        except Exception as exc:
+            log.warning("could not hand jobs back; they return when their lease expires",
+                        error=describe_error(exc), jobs=len(ids))
+
+    def stats(self) -> dict[str, Any]:
+        busy = len(self.running)
+        metrics.WORKER_SLOTS.labels("busy").set(busy)
+        metrics.WORKER_SLOTS.labels("free").set(self.concurrency - busy)
+        return {"slots": {"busy": busy, "free": self.concurrency - busy},
+                "queues": self.queues, "completed": self.completed,
+                "pending_acks": self.flusher.pending()}
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"the handler's result is not JSON-serialisable: {exc}") from None
+    return value
