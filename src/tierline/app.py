@@ -72,15 +72,26 @@ class App:
 
         def register(func: F) -> F:
             name = kind or func.__name__
-            JobRequest(kind=name, queue=queue, priority=priority, max_attempts=max_attempts,
-                       timeout_s=timeout)  # same rules as enqueue
+            JobRequest(
+                kind=name,
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                timeout_s=timeout,
+            )  # same rules as enqueue
             if name in self.handlers:
                 raise ValueError(f"job kind {name!r} is registered twice")
             model, wants_context = _signature_model(name, func)
             self.handlers[name] = Handler(
-                kind=name, func=func, queue=queue, priority=priority,
-                max_attempts=max_attempts, timeout=timeout, uses_db=uses_db,
-                is_async=inspect.iscoroutinefunction(func), wants_context=wants_context,
+                kind=name,
+                func=func,
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                uses_db=uses_db,
+                is_async=inspect.iscoroutinefunction(func),
+                wants_context=wants_context,
                 model=model,
             )
             return func
@@ -171,7 +182,7 @@ def _signature_model(kind: str, func: Callable[..., Any]) -> tuple[type[BaseMode
         annotation = hints.get(p.name, Any)
         default = ... if p.default is p.empty else p.default
         fields[p.name] = (annotation, default)
-    model = create_model(  # type: ignore[call-overload]
+    model = create_model(
         f"Args_{kind.replace('.', '_').replace(':', '_').replace('-', '_')}",
         __config__=ConfigDict(extra=extra, strict=False),  # type: ignore[typeddict-item]
         **fields,

@@ -145,12 +145,15 @@ def _cgroup_quota(root: Path, proc_self_cgroup: Path) -> tuple[float, str] | Non
     return (best, kind) if best is not None else None
 
 
-def budget(settings: Settings, max_connections: int, superuser_reserved: int,
-           server_reserved: int = 0) -> Budget:
+def budget(
+    settings: Settings, max_connections: int, superuser_reserved: int, server_reserved: int = 0
+) -> Budget:
     """The global budget: the explicit setting, or what the server allows minus reserves."""
     if settings.db_max_connections is not None:
         return Budget(settings.db_max_connections, env_name("db_max_connections"))
-    total = max_connections - superuser_reserved - server_reserved - settings.db_reserved_connections
+    total = (
+        max_connections - superuser_reserved - server_reserved - settings.db_reserved_connections
+    )
     return Budget(
         max(0, total),
         f"server max_connections {max_connections} - superuser_reserved_connections "
@@ -167,11 +170,15 @@ def cpu_capped_pool(settings: Settings, tier: Tier, cores: Cores) -> PoolPlan:
     size = req_max
     cpu_cap = max(1, math.floor(cores.usable * settings.db_pool_cpu_factor))
     if size > cpu_cap:
-        caps.append(Cap(
-            env_name(f"{tier}_db_pool_max"), req_max, cpu_cap,
-            f"{cores.usable} usable cores ({cores.source}) x "
-            f"{env_name('db_pool_cpu_factor')} {settings.db_pool_cpu_factor:g}",
-        ))
+        caps.append(
+            Cap(
+                env_name(f"{tier}_db_pool_max"),
+                req_max,
+                cpu_cap,
+                f"{cores.usable} usable cores ({cores.source}) x "
+                f"{env_name('db_pool_cpu_factor')} {settings.db_pool_cpu_factor:g}",
+            )
+        )
         size = cpu_cap
     return _with_min(PoolPlan(tier, req_min, req_max, min(req_min, size), size, caps))
 
@@ -187,22 +194,44 @@ def fit_to_budget(plan: PoolPlan, free: int, budget_total: int) -> PoolPlan | No
     if room < MIN_USABLE_POOL[plan.tier]:
         return None
     cap = Cap(
-        env_name(f"{plan.tier}_db_pool_max"), plan.requested_max, room,
+        env_name(f"{plan.tier}_db_pool_max"),
+        plan.requested_max,
+        room,
         f"connection budget: {free} of {budget_total} connections left "
         f"({LISTEN_CONNECTIONS} for LISTEN)",
     )
-    return _with_min(PoolPlan(plan.tier, plan.requested_min, plan.requested_max,
-                              min(plan.min_size, room), room, [*plan.caps, cap]))
+    return _with_min(
+        PoolPlan(
+            plan.tier,
+            plan.requested_min,
+            plan.requested_max,
+            min(plan.min_size, room),
+            room,
+            [*plan.caps, cap],
+        )
+    )
 
 
 def _with_min(plan: PoolPlan) -> PoolPlan:
     if plan.requested_min > plan.max_size and not any(
         c.variable.endswith("_MIN") for c in plan.caps
     ):
-        return PoolPlan(plan.tier, plan.requested_min, plan.requested_max, plan.max_size,
-                        plan.max_size, [*plan.caps, Cap(
-                            env_name(f"{plan.tier}_db_pool_min"), plan.requested_min,
-                            plan.max_size, "the pool's effective maximum is lower")])
+        return PoolPlan(
+            plan.tier,
+            plan.requested_min,
+            plan.requested_max,
+            plan.max_size,
+            plan.max_size,
+            [
+                *plan.caps,
+                Cap(
+                    env_name(f"{plan.tier}_db_pool_min"),
+                    plan.requested_min,
+                    plan.max_size,
+                    "the pool's effective maximum is lower",
+                ),
+            ],
+        )
     return plan
 
 

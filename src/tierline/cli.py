@@ -48,8 +48,11 @@ def with_database(settings: Settings, *, quiet: bool = False) -> Settings:
     except TierlineError as exc:
         fail(str(exc))
     if not quiet:
-        click.echo(f"tierline: embedded PostgreSQL at {url} "
-                   f"(data in {os.path.join(settings.data_dir, 'pgdata')})", err=True)
+        click.echo(
+            f"tierline: embedded PostgreSQL at {url} "
+            f"(data in {os.path.join(settings.data_dir, 'pgdata')})",
+            err=True,
+        )
     return settings.model_copy(update={"database_url": SecretStr(url)})
 
 
@@ -63,8 +66,9 @@ def load_app(spec: str) -> Any:
     except (ImportError, AttributeError) as exc:
         raise AppLoadError(f"{env_name('app')}={spec!r}: cannot load it: {exc}") from None
     if not isinstance(app, App):
-        raise AppLoadError(f"{env_name('app')}={spec!r} is a {type(app).__name__}, not a "
-                           "tierline.App")
+        raise AppLoadError(
+            f"{env_name('app')}={spec!r} is a {type(app).__name__}, not a tierline.App"
+        )
     return app
 
 
@@ -80,8 +84,9 @@ def run_async(main: Callable[[], Any]) -> int:
 
 def env_option(*decls: str, field: str, help: str, **kw: Any) -> Callable[[Any], Any]:
     """A flag that overrides ``TIERLINE_<FIELD>``; validated by Settings, not click."""
-    return click.option(*decls, field, default=None, envvar=env_name(field),
-                        show_envvar=True, help=help, **kw)
+    return click.option(
+        *decls, field, default=None, envvar=env_name(field), show_envvar=True, help=help, **kw
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -95,8 +100,9 @@ def main() -> None:
 @env_option("--app", field="app", help="Application as module:attribute.")
 @env_option("--host", field="web_host", help="Address to listen on.")
 @env_option("--port", field="web_port", help="Port to listen on.")
-@click.option("--reuse-port", is_flag=True, help="Share the port with other replicas "
-              "(SO_REUSEPORT).")
+@click.option(
+    "--reuse-port", is_flag=True, help="Share the port with other replicas (SO_REUSEPORT)."
+)
 def web(app: str | None, web_host: str | None, web_port: str | None, reuse_port: bool) -> None:
     """Run one web-tier replica (HTTP API, SSE, metrics, dashboard)."""
     settings = with_database(load_settings(app=app, web_host=web_host, web_port=web_port))
@@ -111,14 +117,26 @@ def web(app: str | None, web_host: str | None, web_port: str | None, reuse_port:
 @env_option("--app", field="app", help="Application as module:attribute.")
 @env_option("--queues", field="worker_queues", help="Comma-separated queues.")
 @env_option("--concurrency", field="worker_concurrency", help="Jobs run at once.")
-@env_option("--metrics-port", field="worker_metrics_port", help="Port of /metrics, /healthz, "
-            "/readyz (0: any free port).")
-def worker(app: str | None, worker_queues: str | None, worker_concurrency: str | None,
-           worker_metrics_port: str | None) -> None:
+@env_option(
+    "--metrics-port",
+    field="worker_metrics_port",
+    help="Port of /metrics, /healthz, /readyz (0: any free port).",
+)
+def worker(
+    app: str | None,
+    worker_queues: str | None,
+    worker_concurrency: str | None,
+    worker_metrics_port: str | None,
+) -> None:
     """Run one worker-tier replica."""
-    settings = with_database(load_settings(
-        app=app, worker_queues=worker_queues, worker_concurrency=worker_concurrency,
-        worker_metrics_port=worker_metrics_port))
+    settings = with_database(
+        load_settings(
+            app=app,
+            worker_queues=worker_queues,
+            worker_concurrency=worker_concurrency,
+            worker_metrics_port=worker_metrics_port,
+        )
+    )
     setup_logging(settings, tier="worker", pid=os.getpid())
     from tierline.worker_main import run_worker
 
@@ -134,11 +152,26 @@ def _app_or_fail(settings: Settings) -> Any:
 
 
 @main.command()
-@click.option("--web", "web_n", default=1, show_default=True, type=click.IntRange(0, 64),
-              envvar="TIERLINE_UP_WEB", show_envvar=True, help="Web replicas.")
-@click.option("--workers", "workers_n", default=2, show_default=True,
-              type=click.IntRange(0, 64), envvar="TIERLINE_UP_WORKERS", show_envvar=True,
-              help="Worker replicas.")
+@click.option(
+    "--web",
+    "web_n",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    envvar="TIERLINE_UP_WEB",
+    show_envvar=True,
+    help="Web replicas.",
+)
+@click.option(
+    "--workers",
+    "workers_n",
+    default=2,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    envvar="TIERLINE_UP_WORKERS",
+    show_envvar=True,
+    help="Worker replicas.",
+)
 @env_option("--app", field="app", help="Application as module:attribute.")
 @env_option("--port", field="web_port", help="Port of the web tier.")
 def up(web_n: int, workers_n: int, app: str | None, web_port: str | None) -> None:
@@ -157,14 +190,25 @@ def up(web_n: int, workers_n: int, app: str | None, web_port: str | None) -> Non
     if web_port:
         env[env_name("web_port")] = web_port
     host = settings.web_host
-    click.echo(f"tierline: web tier  http://{host}:{settings.web_port}/  "
-               f"(API /v1/jobs, docs /docs, metrics /metrics)", err=True)
+    click.echo(
+        f"tierline: web tier  http://{host}:{settings.web_port}/  "
+        f"(API /v1/jobs, docs /docs, metrics /metrics)",
+        err=True,
+    )
     if workers_n:
         first = settings.worker_metrics_port
-        click.echo(f"tierline: workers   metrics on {settings.worker_metrics_host}:"
-                   f"{first}..{first + workers_n - 1}" if first else "", err=True)
-    click.echo(f"tierline: {web_n} web and {workers_n} worker replicas; "
-               "`tierline scale worker=N` to change; Ctrl+C stops", err=True)
+        click.echo(
+            f"tierline: workers   metrics on {settings.worker_metrics_host}:"
+            f"{first}..{first + workers_n - 1}"
+            if first
+            else "",
+            err=True,
+        )
+    click.echo(
+        f"tierline: {web_n} web and {workers_n} worker replicas; "
+        "`tierline scale worker=N` to change; Ctrl+C stops",
+        err=True,
+    )
     sys.exit(run_async(lambda: Supervisor(settings, env, web=web_n, workers=workers_n).run()))
 
 
@@ -195,8 +239,9 @@ def scale(changes: tuple[str, ...], data_dir: str | None) -> None:
 
 # -- database -----------------------------------------------------------------------------------
 @main.command()
-@click.option("--check", is_flag=True, help="Only check the schema version; exit 1 if it "
-              "needs migrating.")
+@click.option(
+    "--check", is_flag=True, help="Only check the schema version; exit 1 if it needs migrating."
+)
 def migrate(check: bool) -> None:
     """Apply the schema migrations (safe to run from many replicas at once)."""
     settings = with_database(load_settings())
@@ -208,14 +253,15 @@ async def _migrate(settings: Settings, *, check: bool = False, quiet: bool = Fal
     from tierline import migrations
     from tierline.database import connect
 
-    conn = await connect(settings.direct_dsn(), settings, attempts=5,
-                         application_name="tierline-migrate")
+    conn = await connect(
+        settings.direct_dsn(), settings, attempts=5, application_name="tierline-migrate"
+    )
     try:
         if check:
-            version = await migrations.check(conn)  # type: ignore[arg-type]
+            version = await migrations.check(conn)
             click.echo(f"schema is current (version {version})")
             return 0
-        applied = await migrations.migrate(conn)  # type: ignore[arg-type]
+        applied = await migrations.migrate(conn)
     finally:
         await conn.close()
     if not quiet or applied:
@@ -229,16 +275,28 @@ async def _migrate(settings: Settings, *, check: bool = False, quiet: bool = Fal
 
 # -- planning and configuration -----------------------------------------------------------------
 @main.command()
-@click.option("--web", "web_n", type=click.IntRange(0, 10_000), required=True,
-              help="Planned web replicas.")
-@click.option("--workers", "workers_n", type=click.IntRange(0, 10_000), required=True,
-              help="Planned worker replicas.")
-@env_option("--db-max-connections", field="db_max_connections",
-            help="The budget; default: read from the server.")
-@click.option("--cores", type=click.FloatRange(0.01, 4096), default=None,
-              help="CPU cores per replica (default: what this machine allows).")
-def plan(web_n: int, workers_n: int, db_max_connections: str | None, cores: float | None
-         ) -> None:
+@click.option(
+    "--web", "web_n", type=click.IntRange(0, 10_000), required=True, help="Planned web replicas."
+)
+@click.option(
+    "--workers",
+    "workers_n",
+    type=click.IntRange(0, 10_000),
+    required=True,
+    help="Planned worker replicas.",
+)
+@env_option(
+    "--db-max-connections",
+    field="db_max_connections",
+    help="The budget; default: read from the server.",
+)
+@click.option(
+    "--cores",
+    type=click.FloatRange(0.01, 4096),
+    default=None,
+    help="CPU cores per replica (default: what this machine allows).",
+)
+def plan(web_n: int, workers_n: int, db_max_connections: str | None, cores: float | None) -> None:
     """Print the connection arithmetic of a deployment; exit 1 when it does not fit."""
     from tierline import planning
 
@@ -246,8 +304,10 @@ def plan(web_n: int, workers_n: int, db_max_connections: str | None, cores: floa
     server = None
     if settings.db_max_connections is None:
         if settings.database_url is None:
-            fail("give --db-max-connections, or set TIERLINE_DATABASE_URL to read the "
-                 "server's max_connections")
+            fail(
+                "give --db-max-connections, or set TIERLINE_DATABASE_URL to read the "
+                "server's max_connections"
+            )
         server = run_async_value(lambda: planning.read_server_limits(settings))
     result = planning.plan(settings, web=web_n, workers=workers_n, cores=cores, server=server)
     click.echo(planning.render(result))
@@ -262,8 +322,12 @@ def run_async_value(main: Callable[[], Any]) -> Any:
 
 
 @main.command()
-@click.option("--tier", type=click.Choice(["web", "worker"]), default=None,
-              help="Only the settings this tier uses.")
+@click.option(
+    "--tier",
+    type=click.Choice(["web", "worker"]),
+    default=None,
+    help="Only the settings this tier uses.",
+)
 @click.option("--markdown", is_flag=True, help="Print the reference (docs/configuration.md).")
 def config(tier: str | None, markdown: bool) -> None:
     """Print the effective settings and where each came from (secrets redacted)."""
@@ -302,12 +366,15 @@ def docs_configuration() -> None:
 @click.argument("kind")
 @click.option("--args", "args_json", default="{}", help="Arguments as a JSON object.")
 @click.option("--queue", default=None)
-@click.option("--url", default=None, envvar="TIERLINE_URL", show_envvar=True,
-              help="Web tier URL (default: http://TIERLINE_WEB_HOST:TIERLINE_WEB_PORT).")
-@click.option("--key", default=None, envvar="TIERLINE_API_KEY", show_envvar=True,
-              help="API key.")
-def enqueue(kind: str, args_json: str, queue: str | None, url: str | None, key: str | None
-            ) -> None:
+@click.option(
+    "--url",
+    default=None,
+    envvar="TIERLINE_URL",
+    show_envvar=True,
+    help="Web tier URL (default: http://TIERLINE_WEB_HOST:TIERLINE_WEB_PORT).",
+)
+@click.option("--key", default=None, envvar="TIERLINE_API_KEY", show_envvar=True, help="API key.")
+def enqueue(kind: str, args_json: str, queue: str | None, url: str | None, key: str | None) -> None:
     """Enqueue a job through the web tier and print it."""
     from tierline.client import Client, ClientError
 
@@ -327,10 +394,14 @@ def enqueue(kind: str, args_json: str, queue: str | None, url: str | None, key: 
 
 @main.command()
 @click.argument("job_id", type=click.IntRange(1))
-@click.option("--url", default=None, envvar="TIERLINE_URL", show_envvar=True,
-              help="Web tier URL (default: http://TIERLINE_WEB_HOST:TIERLINE_WEB_PORT).")
-@click.option("--key", default=None, envvar="TIERLINE_API_KEY", show_envvar=True,
-              help="API key.")
+@click.option(
+    "--url",
+    default=None,
+    envvar="TIERLINE_URL",
+    show_envvar=True,
+    help="Web tier URL (default: http://TIERLINE_WEB_HOST:TIERLINE_WEB_PORT).",
+)
+@click.option("--key", default=None, envvar="TIERLINE_API_KEY", show_envvar=True, help="API key.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
 def watch(job_id: int, url: str | None, key: str | None, as_json: bool) -> None:
     """Follow a job's events until it finishes (resumes after disconnects)."""

@@ -95,8 +95,14 @@ def _check(resp: httpx.Response) -> None:
 class Client:
     """Synchronous client. ``urls``: several web replicas to rotate through on reconnect."""
 
-    def __init__(self, url: str | Iterable[str], *, api_key: str | None = None,
-                 timeout: float = 30.0, retries: int = 20) -> None:
+    def __init__(
+        self,
+        url: str | Iterable[str],
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 20,
+    ) -> None:
         self.urls = [url] if isinstance(url, str) else list(url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, read=None))
@@ -128,8 +134,9 @@ class Client:
         _check(resp)
         return resp
 
-    def follow(self, job_id: int, *, after: int = 0, max_events: int | None = None
-               ) -> Iterator[StreamEvent]:
+    def follow(
+        self, job_id: int, *, after: int = 0, max_events: int | None = None
+    ) -> Iterator[StreamEvent]:
         """A job's events from ``after`` to its final event, resuming on disconnects."""
         last = str(after) if after else None
         failures = 0
@@ -137,8 +144,9 @@ class Client:
         while True:
             headers = {"Last-Event-ID": last} if last else {}
             try:
-                with self.http.stream("GET", f"{self.url}/v1/jobs/{job_id}/events",
-                                      headers=headers) as resp:
+                with self.http.stream(
+                    "GET", f"{self.url}/v1/jobs/{job_id}/events", headers=headers
+                ) as resp:
                     if resp.status_code >= 400:
                         resp.read()
                         _check(resp)
@@ -160,8 +168,9 @@ class Client:
                 pass
             failures += 1
             if failures > self.retries:
-                raise ClientError(f"gave up following job {job_id} after {self.retries} "
-                                  "failed reconnects")
+                raise ClientError(
+                    f"gave up following job {job_id} after {self.retries} failed reconnects"
+                )
             self.reconnects += 1
             self.url = next(self._next)
             time.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
@@ -170,12 +179,17 @@ class Client:
 class AsyncClient:
     """Asynchronous twin of ``Client``."""
 
-    def __init__(self, url: str | Iterable[str], *, api_key: str | None = None,
-                 timeout: float = 30.0, retries: int = 20) -> None:
+    def __init__(
+        self,
+        url: str | Iterable[str],
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 20,
+    ) -> None:
         self.urls = [url] if isinstance(url, str) else list(url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.AsyncClient(headers=headers,
-                                      timeout=httpx.Timeout(timeout, read=None))
+        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout, read=None))
         self.retries = retries
         self._next = itertools.cycle(self.urls)
         self.url = next(self._next)
@@ -204,16 +218,18 @@ class AsyncClient:
         _check(resp)
         return resp
 
-    async def follow(self, job_id: int, *, after: int = 0, max_events: int | None = None
-                     ) -> AsyncIterator[StreamEvent]:
+    async def follow(
+        self, job_id: int, *, after: int = 0, max_events: int | None = None
+    ) -> AsyncIterator[StreamEvent]:
         last = str(after) if after else None
         failures = 0
         seen = 0
         while True:
             headers = {"Last-Event-ID": last} if last else {}
             try:
-                async with self.http.stream("GET", f"{self.url}/v1/jobs/{job_id}/events",
-                                            headers=headers) as resp:
+                async with self.http.stream(
+                    "GET", f"{self.url}/v1/jobs/{job_id}/events", headers=headers
+                ) as resp:
                     if resp.status_code >= 400:
                         await resp.aread()
                         _check(resp)
@@ -235,8 +251,9 @@ class AsyncClient:
                 pass
             failures += 1
             if failures > self.retries:
-                raise ClientError(f"gave up following job {job_id} after {self.retries} "
-                                  "failed reconnects")
+                raise ClientError(
+                    f"gave up following job {job_id} after {self.retries} failed reconnects"
+                )
             self.reconnects += 1
             self.url = next(self._next)
             await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))

@@ -20,9 +20,19 @@ MAX_MESSAGE = 2000
 class JobContext:
     """Passed as the first argument (``ctx``) to handlers that ask for it."""
 
-    def __init__(self, *, job_id: int, kind: str, queue: str, attempt: int, max_attempts: int,
-                 app: App, emit: Callable[[int, str, dict[str, Any]], None],
-                 loop: asyncio.AbstractEventLoop, pool: AsyncConnectionPool[Conn]) -> None:
+    def __init__(
+        self,
+        *,
+        job_id: int,
+        kind: str,
+        queue: str,
+        attempt: int,
+        max_attempts: int,
+        app: App,
+        emit: Callable[[int, str, dict[str, Any]], None],
+        loop: asyncio.AbstractEventLoop,
+        pool: AsyncConnectionPool[Conn],
+    ) -> None:
         self.job_id = job_id
         self.kind = kind
         self.queue = queue

@@ -65,7 +65,9 @@ async def connect(
             )
         except psycopg.OperationalError as exc:
             if attempts is not None and tried >= attempts:
-                raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from None
+                raise DatabaseUnavailable(
+                    f"cannot connect to the database: {_first_line(exc)}"
+                ) from None
             delay = next(delays)
             log.warning(
                 "database connection failed; retrying",

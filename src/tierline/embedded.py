@@ -7,6 +7,7 @@ laptop with nothing installed. Every other code path sees only a URL.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ def start(data_dir: str | os.PathLike[str]) -> str:
     if folder in _servers:
         return str(_servers[folder].get_uri())
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless.
+            warnings.simplefilter("ignore")
+            import pgserver
     except ImportError as exc:
         raise EmbeddedDatabaseError(
             f"the embedded PostgreSQL needs the pgserver package ({exc}); {HOW_TO_POINT}"
@@ -34,7 +38,7 @@ def start(data_dir: str | os.PathLike[str]) -> str:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # 'stop' leaves the server to the last process that uses it.
-        server = pgserver.get_server(folder, cleanup_mode="stop")
+        server = pgserver.get_server(folder, cleanup_mode="stop")  # type: ignore[attr-defined]
     except Exception as exc:  # pgserver raises plain exceptions of several kinds
         raise EmbeddedDatabaseError(
             f"could not start the embedded PostgreSQL in {folder}: {exc}; {HOW_TO_POINT}"

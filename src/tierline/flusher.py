@@ -22,8 +22,12 @@ from tierline.queries import QUERIES
 
 log = get_logger(__name__)
 
-OUTCOME = {"succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled",
-           "retrying": "retried"}
+OUTCOME = {
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    "retrying": "retried",
+}
 
 
 @dataclass(slots=True)
@@ -40,8 +44,9 @@ class Finish:
 
 
 class Flusher:
-    def __init__(self, pool: AsyncConnectionPool[Conn], owner: str, *, max_events: int,
-                 on_acked: Any = None) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool[Conn], owner: str, *, max_events: int, on_acked: Any = None
+    ) -> None:
         self.pool = pool
         self.owner = owner
         self.max_events = max_events
@@ -94,9 +99,12 @@ class Flusher:
                 # jobs ours meanwhile; if they lapse the jobs run again elsewhere.
                 self.events[:0], self.finishes[:0] = events, finishes
                 delay = next(delays)
-                log.warning("writing job results failed; retrying",
-                            error=describe_error(exc), pending=self.pending(),
-                            retry_in_s=round(delay, 2))
+                log.warning(
+                    "writing job results failed; retrying",
+                    error=describe_error(exc),
+                    pending=self.pending(),
+                    retry_in_s=round(delay, 2),
+                )
                 await asyncio.sleep(delay)
                 self._wake.set()
                 continue
@@ -105,27 +113,36 @@ class Flusher:
             else:
                 self._wake.set()
 
-    async def _write(self, events: list[tuple[int, str, dict[str, Any]]],
-                     finishes: list[Finish]) -> None:
+    async def _write(
+        self, events: list[tuple[int, str, dict[str, Any]]], finishes: list[Finish]
+    ) -> None:
         async with self.pool.connection() as conn, conn.transaction():
             if events:
-                await conn.execute(QUERIES["record_events"], {
-                    "job_ids": [e[0] for e in events],
-                    "types": [e[1] for e in events],
-                    "datas": [Jsonb(e[2]) for e in events],
-                    "owner": self.owner,
-                    "max_events": self.max_events,
-                })
+                await conn.execute(
+                    QUERIES["record_events"],
+                    {
+                        "job_ids": [e[0] for e in events],
+                        "types": [e[1] for e in events],
+                        "datas": [Jsonb(e[2]) for e in events],
+                        "owner": self.owner,
+                        "max_events": self.max_events,
+                    },
+                )
             if finishes:
-                cur = await conn.execute(QUERIES["finish_batch"], {
-                    "ids": [f.job_id for f in finishes],
-                    "attempts": [f.attempt for f in finishes],
-                    "states": [f.state for f in finishes],
-                    "results": [None if f.result is None else Jsonb(f.result) for f in finishes],
-                    "errors": [None if f.error is None else Jsonb(f.error) for f in finishes],
-                    "delays": [f.delay_s for f in finishes],
-                    "owner": self.owner,
-                })
+                cur = await conn.execute(
+                    QUERIES["finish_batch"],
+                    {
+                        "ids": [f.job_id for f in finishes],
+                        "attempts": [f.attempt for f in finishes],
+                        "states": [f.state for f in finishes],
+                        "results": [
+                            None if f.result is None else Jsonb(f.result) for f in finishes
+                        ],
+                        "errors": [None if f.error is None else Jsonb(f.error) for f in finishes],
+                        "delays": [f.delay_s for f in finishes],
+                        "owner": self.owner,
+                    },
+                )
                 rows = await cur.fetchall()
         if finishes:
             written = {r["id"] for r in rows}
@@ -135,7 +152,10 @@ class Flusher:
                 metrics.JOB_DURATION.labels(f.queue).observe(f.duration_s)
             lost = len(finishes) - len(acked)
             if lost:
-                log.warning("results of jobs no longer held were dropped (their lease ran "
-                            "out; they run again elsewhere)", jobs=lost)
+                log.warning(
+                    "results of jobs no longer held were dropped (their lease ran "
+                    "out; they run again elsewhere)",
+                    jobs=lost,
+                )
             if self.on_acked is not None:
                 self.on_acked(finishes)

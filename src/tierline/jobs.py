@@ -25,8 +25,16 @@ class State(StrEnum):
 
 WAITING = (State.scheduled, State.available, State.retrying)
 FINAL = (State.succeeded, State.failed, State.cancelled)
-EVENT_TYPES = ("enqueued", "started", "progress", "log", "retrying", "succeeded", "failed",
-               "cancelled")
+EVENT_TYPES = (
+    "enqueued",
+    "started",
+    "progress",
+    "log",
+    "retrying",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
 FINAL_EVENTS = ("succeeded", "failed", "cancelled")
 
 
@@ -98,10 +106,9 @@ class Job(BaseModel):
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
-        return cls.model_construct(
-            **{k: row.get(k) for k in cls.model_fields if k != "cancel_requested"},
-            cancel_requested=row.get("cancel_requested_at") is not None,
-        )
+        values: dict[str, Any] = {k: row.get(k) for k in cls.model_fields}
+        values["cancel_requested"] = row.get("cancel_requested_at") is not None
+        return cls.model_construct(**values)
 
 
 def json_size(value: Any) -> int:

@@ -37,7 +37,9 @@ def configure(level: str = "info", fmt: str = "auto", **context: Any) -> None:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(**context)
     # Libraries that log through the standard library (psycopg_pool, uvicorn) follow suit.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     _configured = True
 
 

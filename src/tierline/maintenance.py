@@ -26,8 +26,9 @@ RESCUE_OUTCOME = {"failed": "failed", "cancelled": "cancelled", "available": "re
 
 
 class Maintenance:
-    def __init__(self, settings: Settings, pool: AsyncConnectionPool[Conn],
-                 interval_s: float = 1.0) -> None:
+    def __init__(
+        self, settings: Settings, pool: AsyncConnectionPool[Conn], interval_s: float = 1.0
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.interval_s = interval_s
@@ -44,8 +45,11 @@ class Maintenance:
     async def tick(self) -> dict[str, int]:
         done = {"rescued": 0, "promoted": 0, "pruned": 0}
         async with self.pool.connection() as conn, conn.transaction():
-            got = await (await conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS ok",
-                                            (MAINTENANCE_LOCK,))).fetchone()
+            got = await (
+                await conn.execute(
+                    "SELECT pg_try_advisory_xact_lock(%s) AS ok", (MAINTENANCE_LOCK,)
+                )
+            ).fetchone()
             if not got or not got["ok"]:
                 return done
             rows = await (await conn.execute(QUERIES["rescue_expired"])).fetchall()
@@ -59,9 +63,15 @@ class Maintenance:
             now = time.monotonic()
             if now - self._last_prune > 60:
                 self._last_prune = now
-                pruned = await (await conn.execute(QUERIES["prune"], {
-                    "retention_s": self.settings.job_retention_s, "limit": 10_000,
-                })).fetchone()
+                pruned = await (
+                    await conn.execute(
+                        QUERIES["prune"],
+                        {
+                            "retention_s": self.settings.job_retention_s,
+                            "limit": 10_000,
+                        },
+                    )
+                ).fetchone()
                 done["pruned"] = int(pruned["pruned"]) if pruned else 0
                 await conn.execute(QUERIES["prune_replicas"])
         return done

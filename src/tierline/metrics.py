@@ -32,8 +32,9 @@ class Doc:
 CATALOGUE: list[Doc] = []
 
 
-def _doc(name: str, type_: str, labels: Iterable[str], meaning: str, when_high: str,
-         tier: str) -> None:
+def _doc(
+    name: str, type_: str, labels: Iterable[str], meaning: str, when_high: str, tier: str
+) -> None:
     CATALOGUE.append(Doc(name, type_, tuple(labels), meaning, when_high, tier))
 
 
@@ -47,8 +48,14 @@ def gauge(name: str, meaning: str, labels: Iterable[str], when_high: str, tier: 
     return Gauge(name, meaning, list(labels), registry=REGISTRY)
 
 
-def histogram(name: str, meaning: str, labels: Iterable[str], when_high: str, tier: str,
-              buckets: Iterable[float]) -> Histogram:
+def histogram(
+    name: str,
+    meaning: str,
+    labels: Iterable[str],
+    when_high: str,
+    tier: str,
+    buckets: Iterable[float],
+) -> Histogram:
     _doc(name, "histogram", labels, meaning, when_high, tier)
     return Histogram(name, meaning, list(labels), registry=REGISTRY, buckets=list(buckets))
 
@@ -57,10 +64,17 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 JOB_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 # -- build ------------------------------------------------------------------------------
-BUILD = Info("tierline_build", "Version of Tierline and of the Python running it.",
-             registry=REGISTRY)
-_doc("tierline_build_info", "gauge", ("version", "python"), "Build information (always 1).",
-     "Not a saturation signal; use it to see which version runs where.", "both")
+BUILD = Info(
+    "tierline_build", "Version of Tierline and of the Python running it.", registry=REGISTRY
+)
+_doc(
+    "tierline_build_info",
+    "gauge",
+    ("version", "python"),
+    "Build information (always 1).",
+    "Not a saturation signal; use it to see which version runs where.",
+    "both",
+)
 
 # -- HTTP (web) ---------------------------------------------------------------------------
 HTTP_DURATION = histogram(
@@ -69,97 +83,181 @@ HTTP_DURATION = histogram(
     ("route", "method", "status"),
     "p99 rising with load: add web replicas (see docs/scaling-playbook.md); rising without "
     "load: check tierline_db_pool_wait_seconds_total and the database.",
-    "web", LATENCY_BUCKETS)
+    "web",
+    LATENCY_BUCKETS,
+)
 HTTP_IN_FLIGHT = gauge(
-    "tierline_http_requests_in_flight", "HTTP requests being answered now (SSE excluded).", (),
+    "tierline_http_requests_in_flight",
+    "HTTP requests being answered now (SSE excluded).",
+    (),
     "Sustained growth means requests arrive faster than they finish: add web replicas or "
-    "look for a slow dependency.", "web")
+    "look for a slow dependency.",
+    "web",
+)
 SSE_ACTIVE = gauge(
-    "tierline_sse_streams_active", "Open server-sent-event streams on this replica.", (),
+    "tierline_sse_streams_active",
+    "Open server-sent-event streams on this replica.",
+    (),
     "Near TIERLINE_SSE_MAX_STREAMS new streams get 503: add web replicas or raise the cap.",
-    "web")
+    "web",
+)
 SSE_EVENTS = counter(
-    "tierline_sse_events_sent", "Events sent to SSE clients.", (),
-    "Informational: the fan-out volume of this replica.", "web")
+    "tierline_sse_events_sent",
+    "Events sent to SSE clients.",
+    (),
+    "Informational: the fan-out volume of this replica.",
+    "web",
+)
 SSE_DROPPED = counter(
     "tierline_sse_slow_clients_disconnected",
-    "Streams closed because the client read too slowly (it can resume).", (),
+    "Streams closed because the client read too slowly (it can resume).",
+    (),
     "Clients on slow links or a replica short of CPU; raise TIERLINE_SSE_BUFFER_EVENTS or add "
-    "web replicas.", "web")
+    "web replicas.",
+    "web",
+)
 
 # -- jobs -----------------------------------------------------------------------------------
 JOBS_ENQUEUED = counter(
-    "tierline_jobs_enqueued", "Jobs enqueued by this process (repeated idempotency keys "
-    "excluded).", ("queue",),
+    "tierline_jobs_enqueued",
+    "Jobs enqueued by this process (repeated idempotency keys excluded).",
+    ("queue",),
     "Compare with tierline_jobs_finished_total: arrivals above completions grow the backlog.",
-    "web")
+    "web",
+)
 JOBS_FINISHED = counter(
-    "tierline_jobs_finished", "Attempts finished by this worker, by outcome (succeeded, "
-    "failed, cancelled, retried).", ("queue", "outcome"),
+    "tierline_jobs_finished",
+    "Attempts finished by this worker, by outcome (succeeded, failed, cancelled, retried).",
+    ("queue", "outcome"),
     "A rising failed or retried share points at the handlers or their dependencies, not at "
-    "capacity.", "worker")
+    "capacity.",
+    "worker",
+)
 JOB_DURATION = histogram(
-    "tierline_job_duration_seconds", "Run time of one attempt, from start to finish.",
+    "tierline_job_duration_seconds",
+    "Run time of one attempt, from start to finish.",
     ("queue",),
     "Longer jobs need more slots for the same arrival rate (Little's law): add worker "
-    "replicas or concurrency.", "worker", JOB_BUCKETS)
+    "replicas or concurrency.",
+    "worker",
+    JOB_BUCKETS,
+)
 JOB_PICKUP = histogram(
     "tierline_job_pickup_delay_seconds",
-    "Time from a job being due to a worker claiming it.", ("queue",),
+    "Time from a job being due to a worker claiming it.",
+    ("queue",),
     "Jobs wait for free slots: add worker replicas (or concurrency if CPU allows).",
-    "worker", LATENCY_BUCKETS + (30.0, 60.0, 300.0))
+    "worker",
+    (*LATENCY_BUCKETS, 30.0, 60.0, 300.0),
+)
 WORKER_SLOTS = gauge(
-    "tierline_worker_slots", "Job slots of this worker, busy or free.", ("state",),
-    "All slots busy while the queue is deep: add worker replicas.", "worker")
+    "tierline_worker_slots",
+    "Job slots of this worker, busy or free.",
+    ("state",),
+    "All slots busy while the queue is deep: add worker replicas.",
+    "worker",
+)
 QUEUE_DEPTH = gauge(
-    "tierline_queue_depth", "Jobs per queue and state (shared statistics, cached a few "
-    "seconds).", ("queue", "state"),
-    "available growing: workers cannot keep up; add worker replicas.", "both")
+    "tierline_queue_depth",
+    "Jobs per queue and state (shared statistics, cached a few seconds).",
+    ("queue", "state"),
+    "available growing: workers cannot keep up; add worker replicas.",
+    "both",
+)
 QUEUE_OLDEST = gauge(
-    "tierline_queue_oldest_age_seconds", "Age of the oldest due job waiting in a queue.",
+    "tierline_queue_oldest_age_seconds",
+    "Age of the oldest due job waiting in a queue.",
     ("queue",),
     "Above your latency SLO: add worker replicas; see 'Oldest job too old' in the playbook.",
-    "both")
+    "both",
+)
 REPLICAS = gauge(
-    "tierline_replicas", "Live replicas per tier, from the replica registry.", ("tier",),
-    "Fewer than deployed: replicas are dying or not ready (check /readyz reasons).", "both")
+    "tierline_replicas",
+    "Live replicas per tier, from the replica registry.",
+    ("tier",),
+    "Fewer than deployed: replicas are dying or not ready (check /readyz reasons).",
+    "both",
+)
 RECOMMENDED = gauge(
-    "tierline_recommended_replicas", "Replicas Tierline recommends per tier.", ("tier",),
-    "Above tierline_replicas: scale out (or let KEDA/HPA do it).", "both")
+    "tierline_recommended_replicas",
+    "Replicas Tierline recommends per tier.",
+    ("tier",),
+    "Above tierline_replicas: scale out (or let KEDA/HPA do it).",
+    "both",
+)
 SERVER_CONNECTIONS = gauge(
-    "tierline_db_server_connections", "Client connections on the PostgreSQL server now.", (),
+    "tierline_db_server_connections",
+    "Client connections on the PostgreSQL server now.",
+    (),
     "Near tierline_db_budget_connections: the database is close to refusing connections.",
-    "both")
+    "both",
+)
 BUDGET = gauge(
-    "tierline_db_budget_connections", "The global connection budget, and what live replicas "
-    "have claimed of it.", ("kind",),
-    "claimed near total: new replicas will wait not-ready; see the pool sizing guide.", "both")
+    "tierline_db_budget_connections",
+    "The global connection budget, and what live replicas have claimed of it.",
+    ("kind",),
+    "claimed near total: new replicas will wait not-ready; see the pool sizing guide.",
+    "both",
+)
 
 # -- pools: read from psycopg_pool at scrape time ---------------------------------------------
 _POOL_DOCS = [
-    ("tierline_db_pool_connections", "gauge", ("tier", "state"),
-     "Pool connections in use or idle.",
-     "in_use near max: the pool is saturated; see utilisation."),
-    ("tierline_db_pool_max_connections", "gauge", ("tier",),
-     "The pool's effective maximum after caps.", "Below requested: a cap applied; see logs."),
-    ("tierline_db_pool_requested_max_connections", "gauge", ("tier",),
-     "The pool maximum asked for by TIERLINE_<TIER>_DB_POOL_MAX.",
-     "Differs from max: the request was capped (CPU or budget)."),
-    ("tierline_db_pool_waiting_requests", "gauge", ("tier",),
-     "Callers waiting for a pool connection now.",
-     "Above 0 for long: the pool is too small for the load, or queries are slow."),
-    ("tierline_db_pool_waits_total", "counter", ("tier",),
-     "Requests that had to wait for a connection.",
-     "Rising rate: the pool is saturated."),
-    ("tierline_db_pool_wait_seconds_total", "counter", ("tier",),
-     "Total time spent waiting for connections.",
-     "rate() over waits rate is the mean wait; high means saturation."),
-    ("tierline_db_pool_timeouts_total", "counter", ("tier",),
-     "Requests that gave up waiting (503 on web, retry on worker).",
-     "Any increase: the pool or database is saturated; act now."),
-    ("tierline_db_pool_utilization_ratio", "gauge", ("tier",),
-     "Connections in use / effective maximum.",
-     ">= 0.9 for 15 min: raise the pool within the budget, or add replicas."),
+    (
+        "tierline_db_pool_connections",
+        "gauge",
+        ("tier", "state"),
+        "Pool connections in use or idle.",
+        "in_use near max: the pool is saturated; see utilisation.",
+    ),
+    (
+        "tierline_db_pool_max_connections",
+        "gauge",
+        ("tier",),
+        "The pool's effective maximum after caps.",
+        "Below requested: a cap applied; see logs.",
+    ),
+    (
+        "tierline_db_pool_requested_max_connections",
+        "gauge",
+        ("tier",),
+        "The pool maximum asked for by TIERLINE_<TIER>_DB_POOL_MAX.",
+        "Differs from max: the request was capped (CPU or budget).",
+    ),
+    (
+        "tierline_db_pool_waiting_requests",
+        "gauge",
+        ("tier",),
+        "Callers waiting for a pool connection now.",
+        "Above 0 for long: the pool is too small for the load, or queries are slow.",
+    ),
+    (
+        "tierline_db_pool_waits_total",
+        "counter",
+        ("tier",),
+        "Requests that had to wait for a connection.",
+        "Rising rate: the pool is saturated.",
+    ),
+    (
+        "tierline_db_pool_wait_seconds_total",
+        "counter",
+        ("tier",),
+        "Total time spent waiting for connections.",
+        "rate() over waits rate is the mean wait; high means saturation.",
+    ),
+    (
+        "tierline_db_pool_timeouts_total",
+        "counter",
+        ("tier",),
+        "Requests that gave up waiting (503 on web, retry on worker).",
+        "Any increase: the pool or database is saturated; act now.",
+    ),
+    (
+        "tierline_db_pool_utilization_ratio",
+        "gauge",
+        ("tier",),
+        "Connections in use / effective maximum.",
+        ">= 0.9 for 15 min: raise the pool within the budget, or add replicas.",
+    ),
 ]
 for _name, _type, _labels, _meaning, _high in _POOL_DOCS:
     _doc(_name, _type, _labels, _meaning, _high, "both")
@@ -176,8 +274,11 @@ class PoolCollector(Collector):
         if not snap:
             return []
         tier = snap["tier"]
-        conns = GaugeMetricFamily("tierline_db_pool_connections",
-                                  "Pool connections in use or idle.", labels=["tier", "state"])
+        conns = GaugeMetricFamily(
+            "tierline_db_pool_connections",
+            "Pool connections in use or idle.",
+            labels=["tier", "state"],
+        )
         conns.add_metric([tier, "in_use"], snap["in_use"])
         conns.add_metric([tier, "idle"], snap["idle"])
         out: list[Metric] = [conns]
@@ -192,19 +293,33 @@ class PoolCollector(Collector):
             m.add_metric([tier], value)
             out.append(m)
 
-        g("tierline_db_pool_max_connections", "The pool's effective maximum after caps.",
-          snap["max"])
-        g("tierline_db_pool_requested_max_connections", "The requested pool maximum.",
-          snap["requested_max"])
-        g("tierline_db_pool_waiting_requests", "Callers waiting for a connection now.",
-          snap["waiting"])
-        c("tierline_db_pool_waits", "Requests that had to wait for a connection.",
-          snap["waits"])
-        c("tierline_db_pool_wait_seconds", "Total time spent waiting for connections.",
-          snap["wait_s"])
+        g(
+            "tierline_db_pool_max_connections",
+            "The pool's effective maximum after caps.",
+            snap["max"],
+        )
+        g(
+            "tierline_db_pool_requested_max_connections",
+            "The requested pool maximum.",
+            snap["requested_max"],
+        )
+        g(
+            "tierline_db_pool_waiting_requests",
+            "Callers waiting for a connection now.",
+            snap["waiting"],
+        )
+        c("tierline_db_pool_waits", "Requests that had to wait for a connection.", snap["waits"])
+        c(
+            "tierline_db_pool_wait_seconds",
+            "Total time spent waiting for connections.",
+            snap["wait_s"],
+        )
         c("tierline_db_pool_timeouts", "Requests that gave up waiting.", snap["timeouts"])
-        g("tierline_db_pool_utilization_ratio", "Connections in use / effective maximum.",
-          snap["utilization"])
+        g(
+            "tierline_db_pool_utilization_ratio",
+            "Connections in use / effective maximum.",
+            snap["utilization"],
+        )
         return out
 
 

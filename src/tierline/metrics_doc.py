@@ -22,7 +22,8 @@ def markdown() -> str:
     ]
     for d in sorted(CATALOGUE, key=lambda d: d.name):
         labels = ", ".join(f"`{x}`" for x in d.labels) or "-"
-        lines.append(f"| `{d.name}` | {d.type} | {labels} | {d.tier} | {d.meaning} | "
-                     f"{d.when_high} |")
+        lines.append(
+            f"| `{d.name}` | {d.type} | {labels} | {d.tier} | {d.meaning} | {d.when_high} |"
+        )
     lines.append("")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import LiteralString, cast
+from typing import Any, LiteralString, cast
 
 import psycopg
 
@@ -92,7 +92,7 @@ async def migrate(conn: psycopg.AsyncConnection[object]) -> list[Migration]:
             if mig.version <= current:
                 continue
             # Migration files ship with the package; they are trusted code.
-            await conn.execute(cast(LiteralString, mig.sql))
+            await conn.execute(cast(LiteralString, mig.sql))  # type: ignore[redundant-cast]
             await conn.execute(
                 "INSERT INTO tierline.migrations (version, name) VALUES (%s, %s)",
                 (mig.version, mig.name),
@@ -101,7 +101,7 @@ async def migrate(conn: psycopg.AsyncConnection[object]) -> list[Migration]:
     return applied
 
 
-def _first(row: object) -> object:
+def _first(row: object) -> Any:
     if isinstance(row, dict):
         return next(iter(row.values()))
     return row[0]  # type: ignore[index]

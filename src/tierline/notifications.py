@@ -48,19 +48,26 @@ class Listener:
         delays = backoff_delays(base=0.05, cap=5.0)
         while True:
             try:
-                conn = await connect(self.settings.direct_dsn(), self.settings,
-                                     attempts=1, application_name=f"tierline-{self.name}")
+                conn = await connect(
+                    self.settings.direct_dsn(),
+                    self.settings,
+                    attempts=1,
+                    application_name=f"tierline-{self.name}",
+                )
             except Exception as exc:
                 delay = next(delays)
-                log.warning("LISTEN connection failed; retrying", error=describe_error(exc),
-                            retry_in_s=round(delay, 2))
+                log.warning(
+                    "LISTEN connection failed; retrying",
+                    error=describe_error(exc),
+                    retry_in_s=round(delay, 2),
+                )
                 await asyncio.sleep(delay)
                 continue
             try:
                 self.conn = conn
                 self.backend_pid = conn.info.backend_pid
                 for channel in self.channels:
-                    await conn.execute(f"LISTEN {channel}")  # type: ignore[arg-type]
+                    await conn.execute(f"LISTEN {channel}")
                 self.connected.set()
                 delays = backoff_delays(base=0.05, cap=5.0)
                 if self.on_connect is not None:

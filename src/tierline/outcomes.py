@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-class Retry(Exception):  # noqa: N818 - reads as `raise Retry(delay=5)`
+class Retry(Exception):
     """Run the job again after ``delay`` seconds (counts as an attempt)."""
 
     def __init__(self, delay: float | None = None, reason: str = "") -> None:
@@ -12,7 +12,7 @@ class Retry(Exception):  # noqa: N818 - reads as `raise Retry(delay=5)`
         self.reason = reason
 
 
-class Cancel(Exception):  # noqa: N818 - reads as `raise Cancel("no longer needed")`
+class Cancel(Exception):
     """Stop the job for good: it ends ``cancelled``, no further attempts."""
 
     def __init__(self, reason: str = "") -> None:

@@ -33,7 +33,7 @@ def load() -> dict[str, LiteralString]:
                 if name in queries:
                     raise ValueError(f"query {name!r} is defined twice")
                 # The files ship with the package: they are code, not input.
-                queries[name] = cast(LiteralString, sql)
+                queries[name] = cast(LiteralString, sql)  # type: ignore[redundant-cast]
     return queries
 
 

@@ -25,8 +25,9 @@ MAX_ARGS_BYTES = 262_144
 class Queue:
     """Queue operations over a connection pool."""
 
-    def __init__(self, app: App, pool: AsyncConnectionPool[Conn], *,
-                 max_args_bytes: int = MAX_ARGS_BYTES) -> None:
+    def __init__(
+        self, app: App, pool: AsyncConnectionPool[Conn], *, max_args_bytes: int = MAX_ARGS_BYTES
+    ) -> None:
         self.app = app
         self.pool = pool
         self.max_args_bytes = max_args_bytes
@@ -35,7 +36,11 @@ class Queue:
     async def standalone(cls, app: App, dsn: str) -> Queue:
         """A small private pool, for processes that only enqueue."""
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
-            dsn, min_size=1, max_size=2, open=False, name="enqueue",
+            dsn,
+            min_size=1,
+            max_size=2,
+            open=False,
+            name="enqueue",
             connection_class=psycopg.AsyncConnection[Any],
             kwargs={"autocommit": True, "row_factory": dict_row},
         )
@@ -124,13 +129,26 @@ class Queue:
             raise JobNotFound(f"job {job_id} not found")
         return Job.from_row(row)
 
-    async def list(self, *, queue: str | None = None, state: str | None = None,
-                   kind: str | None = None, before: int | None = None,
-                   limit: int = 50) -> list[Job]:
+    async def list(
+        self,
+        *,
+        queue: str | None = None,
+        state: str | None = None,
+        kind: str | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[Job]:
         async with self.pool.connection() as conn:
-            cur = await conn.execute(QUERIES["list_jobs"], {
-                "queue": queue, "state": state, "kind": kind, "before": before, "limit": limit,
-            })
+            cur = await conn.execute(
+                QUERIES["list_jobs"],
+                {
+                    "queue": queue,
+                    "state": state,
+                    "kind": kind,
+                    "before": before,
+                    "limit": limit,
+                },
+            )
             return [Job.from_row(r) for r in await cur.fetchall()]
 
     # -- change -----------------------------------------------------------------------------
@@ -152,6 +170,7 @@ class Queue:
             raise InvalidTransition(f"job {job_id} is {row['state']}: {refusal}")
         return Job.from_row(row)
 
+
 class _KeyRace(Exception):
     pass
 
@@ -167,8 +186,9 @@ class SyncQueue:
         row = self.app.prepare(request)
         with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as conn:
             for _ in range(3):
-                found = conn.execute(QUERIES["enqueue"], {**row, "args": Jsonb(row["args"])}
-                                     ).fetchone()
+                found = conn.execute(
+                    QUERIES["enqueue"], {**row, "args": Jsonb(row["args"])}
+                ).fetchone()
                 if found:
                     return Job.from_row(found)
         raise InvalidTransition("idempotency key conflict did not settle; try again")

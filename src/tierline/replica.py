@@ -32,9 +32,15 @@ log = get_logger(__name__)
 class Replica:
     """One process of a tier, as the registry and the budget see it."""
 
-    def __init__(self, settings: Settings, tier: Tier, *, cores: budget.Cores | None = None,
-                 stats: Callable[[], dict[str, Any]] | None = None,
-                 pool_need: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        tier: Tier,
+        *,
+        cores: budget.Cores | None = None,
+        stats: Callable[[], dict[str, Any]] | None = None,
+        pool_need: int | None = None,
+    ) -> None:
         self.settings = settings
         self.tier: Tier = tier
         self.id = uuid.uuid4()
@@ -80,40 +86,57 @@ class Replica:
         else:
             return False
         self.granted = granted
-        for cap in granted.caps[len(self.plan.caps):]:
+        for cap in granted.caps[len(self.plan.caps) :]:
             _log_cap(cap)
-        self.pool = make_pool(self.settings, min_size=granted.min_size,
-                              max_size=granted.max_size, name=self.tier)
+        self.pool = make_pool(
+            self.settings, min_size=granted.min_size, max_size=granted.max_size, name=self.tier
+        )
         await self.pool.open(wait=False)
         self.ready, self.reason = True, ""
-        log.info("replica ready", replica=str(self.id), pool_max=granted.max_size,
-                 pool_requested_max=self.plan.requested_max, claimed=granted.claimed,
-                 budget=self.budget.total if self.budget else None)
+        log.info(
+            "replica ready",
+            replica=str(self.id),
+            pool_max=granted.max_size,
+            pool_requested_max=self.plan.requested_max,
+            claimed=granted.claimed,
+            budget=self.budget.total if self.budget else None,
+        )
         return True
 
     def _warn_pool_need(self) -> None:
         if self.pool_need is not None and self.plan.max_size < self.pool_need:
             log.warning(
                 "worker pool is smaller than its concurrency needs",
-                variable=env_name("worker_db_pool_max"), pool_max=self.plan.max_size,
-                needed=self.pool_need, concurrency=self.settings.worker_concurrency,
+                variable=env_name("worker_db_pool_max"),
+                pool_max=self.plan.max_size,
+                needed=self.pool_need,
+                concurrency=self.settings.worker_concurrency,
                 advice="jobs will wait for connections; raise the pool or lower "
                 f"{env_name('worker_concurrency')}",
             )
 
     async def _claim(self) -> budget.PoolPlan | None:
-        conn = await connect(self.settings.direct_dsn(), self.settings, attempts=1,
-                             application_name=f"tierline-{self.tier}-claim")
+        conn = await connect(
+            self.settings.direct_dsn(),
+            self.settings,
+            attempts=1,
+            application_name=f"tierline-{self.tier}-claim",
+        )
         try:
-            await migrations.check(conn)  # type: ignore[arg-type]
+            await migrations.check(conn)
             async with conn.transaction():
                 await conn.execute(QUERIES["budget_lock"])
                 limits = await (await conn.execute(QUERIES["server_limits"])).fetchone()
                 assert limits is not None
-                self.budget = budget.budget(self.settings, limits["max_connections"],
-                                            limits["superuser_reserved"], limits["reserved"])
-                live = await (await conn.execute(QUERIES["live_claims"],
-                                                 {"id": self.id})).fetchone()
+                self.budget = budget.budget(
+                    self.settings,
+                    limits["max_connections"],
+                    limits["superuser_reserved"],
+                    limits["reserved"],
+                )
+                live = await (
+                    await conn.execute(QUERIES["live_claims"], {"id": self.id})
+                ).fetchone()
                 assert live is not None
                 free = self.budget.total - live["claimed"]
                 granted = budget.fit_to_budget(self.plan, free, self.budget.total)
@@ -132,12 +155,17 @@ class Replica:
 
     def _row(self, granted: budget.PoolPlan | None) -> dict[str, Any]:
         return {
-            "id": self.id, "tier": self.tier, "host": socket.gethostname(), "pid": os.getpid(),
-            "version": __version__, "lease_s": self.settings.replica_lease_s,
+            "id": self.id,
+            "tier": self.tier,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "version": __version__,
+            "lease_s": self.settings.replica_lease_s,
             "requested_pool": self.plan.requested_max,
             "pool_max": granted.max_size if granted else 0,
             "claimed": granted.claimed if granted else 0,
-            "ready": granted is not None, "reason": None if granted else self.reason,
+            "ready": granted is not None,
+            "reason": None if granted else self.reason,
             "stats": Jsonb(self.snapshot()),
         }
 
@@ -153,10 +181,15 @@ class Replica:
             return
         try:
             async with self.pool.connection() as conn:
-                cur = await conn.execute(QUERIES["heartbeat"], {
-                    "id": self.id, "stats": Jsonb(self.snapshot()), "ready": self.ready,
-                    "reason": self.reason or None,
-                })
+                cur = await conn.execute(
+                    QUERIES["heartbeat"],
+                    {
+                        "id": self.id,
+                        "stats": Jsonb(self.snapshot()),
+                        "ready": self.ready,
+                        "reason": self.reason or None,
+                    },
+                )
                 alive = await cur.fetchone()
             self.healthy_db = True
             if self.reason.startswith("database unreachable"):
@@ -175,8 +208,10 @@ class Replica:
                 log.warning("re-claim failed", error=describe_error(exc))
                 return
             if again is None:
-                log.error("connection budget taken meanwhile; running over budget until it "
-                          "frees", reason=self.reason)
+                log.error(
+                    "connection budget taken meanwhile; running over budget until it frees",
+                    reason=self.reason,
+                )
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {"cores": self.cores.usable, "cores_source": self.cores.source}
@@ -188,9 +223,19 @@ class Replica:
 
     def pool_snapshot(self) -> dict[str, Any] | None:
         if self.pool is None:
-            return {"tier": self.tier, "size": 0, "in_use": 0, "idle": 0, "max": 0,
-                    "requested_max": self.plan.requested_max, "waiting": 0, "waits": 0,
-                    "wait_s": 0.0, "timeouts": 0, "utilization": 0.0}
+            return {
+                "tier": self.tier,
+                "size": 0,
+                "in_use": 0,
+                "idle": 0,
+                "max": 0,
+                "requested_max": self.plan.requested_max,
+                "waiting": 0,
+                "waits": 0,
+                "wait_s": 0.0,
+                "timeouts": 0,
+                "utilization": 0.0,
+            }
         return metrics.pool_snapshot(self.tier, self.pool.get_stats(), self.plan.requested_max)
 
     async def close(self) -> None:
@@ -200,15 +245,22 @@ class Replica:
                 async with self.pool.connection(timeout=2) as conn:
                     await conn.execute(QUERIES["stop_replica"], {"id": self.id})
             except Exception as exc:
-                log.warning("could not deregister; the claim lapses with the lease",
-                            error=describe_error(exc))
+                log.warning(
+                    "could not deregister; the claim lapses with the lease",
+                    error=describe_error(exc),
+                )
             await self.pool.close(timeout=5)
         self.ready, self.reason = False, "stopped"
 
 
 def _log_cap(cap: budget.Cap) -> None:
-    log.warning("pool size capped", variable=cap.variable, requested=cap.requested,
-                applied=cap.applied, reason=cap.reason)
+    log.warning(
+        "pool size capped",
+        variable=cap.variable,
+        requested=cap.requested,
+        applied=cap.applied,
+        reason=cap.reason,
+    )
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:

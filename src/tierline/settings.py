@@ -53,8 +53,7 @@ class Settings(BaseSettings):
     db_reserved_connections: int = Field(
         5,
         ge=0,
-        description="Connections kept out of the budget for admins and migrations "
-        "(connections).",
+        description="Connections kept out of the budget for admins and migrations (connections).",
     )
     db_pool_cpu_factor: float = Field(
         4.0,
@@ -94,15 +93,14 @@ class Settings(BaseSettings):
     )
 
     # -- application ----------------------------------------------------------------------
-    app: str = Field(
-        "tierline.demo:app", description="The application, as `module:attribute`."
-    )
+    app: str = Field("tierline.demo:app", description="The application, as `module:attribute`.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level logged."
     )
     log_format: Literal["auto", "json", "console"] = Field(
-        "auto", description="`json` for machines, `console` for people; `auto` picks "
-        "console on a terminal."
+        "auto",
+        description="`json` for machines, `console` for people; `auto` picks "
+        "console on a terminal.",
     )
 
     # -- web tier -------------------------------------------------------------------------
@@ -218,12 +216,8 @@ class Settings(BaseSettings):
     )
     web_replicas_min: int = Field(1, ge=0, description="Fewest web replicas recommended.")
     web_replicas_max: int = Field(20, ge=1, description="Most web replicas recommended.")
-    worker_replicas_min: int = Field(
-        1, ge=0, description="Fewest worker replicas recommended."
-    )
-    worker_replicas_max: int = Field(
-        50, ge=1, description="Most worker replicas recommended."
-    )
+    worker_replicas_min: int = Field(1, ge=0, description="Fewest worker replicas recommended.")
+    worker_replicas_max: int = Field(50, ge=1, description="Most worker replicas recommended.")
 
     @field_validator("worker_queues")
     @classmethod

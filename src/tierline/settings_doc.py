@@ -8,12 +8,33 @@ from pydantic import SecretStr
 
 from tierline.settings import Settings, env_name
 
-WEB_ONLY = ("web_", "api_keys", "protect_metrics", "cors_origins", "max_body_bytes",
-            "max_batch_size", "sse_")
-WORKER_ONLY = ("worker_db", "worker_queues", "worker_concurrency", "worker_shutdown",
-               "worker_poll", "worker_metrics", "worker_cancel", "job_lease", "job_retention")
-RECOMMEND = ("backlog_target", "target_utilization", "web_replica_capacity", "web_replicas_",
-             "worker_replicas_")
+WEB_ONLY = (
+    "web_",
+    "api_keys",
+    "protect_metrics",
+    "cors_origins",
+    "max_body_bytes",
+    "max_batch_size",
+    "sse_",
+)
+WORKER_ONLY = (
+    "worker_db",
+    "worker_queues",
+    "worker_concurrency",
+    "worker_shutdown",
+    "worker_poll",
+    "worker_metrics",
+    "worker_cancel",
+    "job_lease",
+    "job_retention",
+)
+RECOMMEND = (
+    "backlog_target",
+    "target_utilization",
+    "web_replica_capacity",
+    "web_replicas_",
+    "worker_replicas_",
+)
 
 
 def tier_of(name: str) -> str:
@@ -37,8 +58,14 @@ def redact_url(url: str) -> str:
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
         parts = parts._replace(netloc=netloc)
-    query = "&".join("password=***" if q.lower().startswith("password=") else q
-                     for q in parts.query.split("&")) if parts.query else ""
+    query = (
+        "&".join(
+            "password=***" if q.lower().startswith("password=") else q
+            for q in parts.query.split("&")
+        )
+        if parts.query
+        else ""
+    )
     return urlunsplit(parts._replace(query=query))
 
 
@@ -79,8 +106,12 @@ def markdown() -> str:
         "",
     ]
     for section in ("both", "web", "worker", "recommendations"):
-        title = {"both": "Both tiers", "web": "Web tier", "worker": "Worker tier",
-                 "recommendations": "Replica recommendations"}[section]
+        title = {
+            "both": "Both tiers",
+            "web": "Web tier",
+            "worker": "Worker tier",
+            "recommendations": "Replica recommendations",
+        }[section]
         lines += [f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]
         for name, field in Settings.model_fields.items():
             if tier_of(name) != section:

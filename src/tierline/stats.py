@@ -18,7 +18,7 @@ from tierline.database import Conn
 from tierline.queries import QUERIES
 
 STATES = ("scheduled", "available", "running", "retrying", "succeeded", "failed", "cancelled")
-FRESH_S = 5.0       # a snapshot younger than this is used as it is
+FRESH_S = 5.0  # a snapshot younger than this is used as it is
 LOCAL_CACHE_S = 2.0  # and read from the database at most this often per process
 
 
@@ -41,12 +41,14 @@ class Stats:
                     locked = await (await conn.execute(QUERIES["stats_lock"])).fetchone()
                     if locked and locked["ok"]:
                         snap = await compute_queue_stats(conn)
-                        await conn.execute(QUERIES["stats_put"],
-                                           {"key": "queues", "value": Jsonb(snap)})
+                        await conn.execute(
+                            QUERIES["stats_put"], {"key": "queues", "value": Jsonb(snap)}
+                        )
                     elif row is not None:
                         snap = row["value"]  # someone else is refreshing it right now
                     else:
                         snap = await compute_queue_stats(conn)
+        snap = dict(snap)
         self._queues = (now, snap)
         for q in snap["queues"]:
             for state, n in q["counts"].items():
@@ -78,24 +80,38 @@ class Stats:
                 t["pool_max"] += r["pool_max"]
             elif r["stopped_at"] is None:
                 t["dead"] += 1
-            replicas.append({
-                "id": str(r["id"]), "tier": r["tier"], "host": r["host"], "pid": r["pid"],
-                "version": r["version"], "started_at": r["started_at"].isoformat(),
-                "heartbeat_at": r["heartbeat_at"].isoformat(),
-                "heartbeat_age_s": round(float(r["heartbeat_age_s"]), 3),
-                "status": "alive" if alive else ("stopped" if r["stopped_at"] else "dead"),
-                "alive": alive, "ready": bool(r["ready"]) and alive, "reason": r["reason"],
-                "pool_requested_max": r["requested_pool"], "pool_max": r["pool_max"],
-                "claimed_connections": r["claimed"] if alive else 0, "stats": r["stats"],
-            })
+            replicas.append(
+                {
+                    "id": str(r["id"]),
+                    "tier": r["tier"],
+                    "host": r["host"],
+                    "pid": r["pid"],
+                    "version": r["version"],
+                    "started_at": r["started_at"].isoformat(),
+                    "heartbeat_at": r["heartbeat_at"].isoformat(),
+                    "heartbeat_age_s": round(float(r["heartbeat_age_s"]), 3),
+                    "status": "alive" if alive else ("stopped" if r["stopped_at"] else "dead"),
+                    "alive": alive,
+                    "ready": bool(r["ready"]) and alive,
+                    "reason": r["reason"],
+                    "pool_requested_max": r["requested_pool"],
+                    "pool_max": r["pool_max"],
+                    "claimed_connections": r["claimed"] if alive else 0,
+                    "stats": r["stats"],
+                }
+            )
         claimed = sum(t["claimed_connections"] for t in tiers.values())
         server = {
             "max_connections": limits["max_connections"] if limits else None,
             "superuser_reserved_connections": limits["superuser_reserved"] if limits else None,
             "connections": conns["connections"] if conns else None,
         }
-        snap = {"replicas": replicas, "tiers": tiers, "claimed_connections": claimed,
-                "server": server}
+        snap = {
+            "replicas": replicas,
+            "tiers": tiers,
+            "claimed_connections": claimed,
+            "server": server,
+        }
         self._cluster = (now, snap)
         for tier, t in tiers.items():
             metrics.REPLICAS.labels(tier).set(t["alive"])
@@ -111,14 +127,17 @@ async def compute_queue_stats(conn: Conn) -> dict[str, Any]:
     queues: dict[str, dict[str, Any]] = {}
 
     def entry(name: str) -> dict[str, Any]:
-        return queues.setdefault(name, {
-            "queue": name,
-            "counts": dict.fromkeys(STATES, 0),
-            "oldest_available_age_s": None,
-            "throughput_per_s": {"1m": 0.0, "5m": 0.0, "15m": 0.0},
-            "finished": {"1m": 0, "5m": 0, "15m": 0},
-            "failed_15m": 0,
-        })
+        return queues.setdefault(
+            name,
+            {
+                "queue": name,
+                "counts": dict.fromkeys(STATES, 0),
+                "oldest_available_age_s": None,
+                "throughput_per_s": {"1m": 0.0, "5m": 0.0, "15m": 0.0},
+                "finished": {"1m": 0, "5m": 0, "15m": 0},
+                "failed_15m": 0,
+            },
+        )
 
     for r in depth:
         e = entry(r["queue"])
@@ -130,7 +149,10 @@ async def compute_queue_stats(conn: Conn) -> dict[str, Any]:
     for r in thru:
         e = entry(r["queue"])
         e["finished"] = {"1m": int(r["m1"]), "5m": int(r["m5"]), "15m": int(r["m15"])}
-        e["throughput_per_s"] = {"1m": round(r["m1"] / 60, 3), "5m": round(r["m5"] / 300, 3),
-                                 "15m": round(r["m15"] / 900, 3)}
+        e["throughput_per_s"] = {
+            "1m": round(r["m1"] / 60, 3),
+            "5m": round(r["m5"] / 300, 3),
+            "15m": round(r["m15"] / 900, 3),
+        }
         e["failed_15m"] = int(r["failed_m15"])
     return {"queues": sorted(queues.values(), key=lambda q: q["queue"])}

@@ -47,13 +47,28 @@ class Event:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Event:
-        return cls(job_id=row["job_id"], seq=row["seq"], type=row["type"], queue=row["queue"],
-                   kind=row["kind"], data=row["data"], at=row["at"].isoformat(),
-                   xid=int(row.get("xid") or 0), id=int(row.get("id") or 0))
+        return cls(
+            job_id=row["job_id"],
+            seq=row["seq"],
+            type=row["type"],
+            queue=row["queue"],
+            kind=row["kind"],
+            data=row["data"],
+            at=row["at"].isoformat(),
+            xid=int(row.get("xid") or 0),
+            id=int(row.get("id") or 0),
+        )
 
     def payload(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "seq": self.seq, "type": self.type,
-                "queue": self.queue, "kind": self.kind, "at": self.at, "data": self.data}
+        return {
+            "job_id": self.job_id,
+            "seq": self.seq,
+            "type": self.type,
+            "queue": self.queue,
+            "kind": self.kind,
+            "at": self.at,
+            "data": self.data,
+        }
 
     @property
     def firehose_id(self) -> str:
@@ -75,9 +90,15 @@ class StreamClosed(Exception):
 class Subscription:
     """One client's stream: a bounded buffer the hub fills, and its position."""
 
-    def __init__(self, hub: EventHub, *, job_id: int | None, after: Any,
-                 queues: frozenset[str] = frozenset(), kinds: frozenset[str] = frozenset()
-                 ) -> None:
+    def __init__(
+        self,
+        hub: EventHub,
+        *,
+        job_id: int | None,
+        after: Any,
+        queues: frozenset[str] = frozenset(),
+        kinds: frozenset[str] = frozenset(),
+    ) -> None:
         self.hub = hub
         self.job_id = job_id
         self.position = after  # seq (job stream) or (xid, id) (firehose)
@@ -88,7 +109,8 @@ class Subscription:
 
     def wants(self, ev: Event) -> bool:
         return (not self.queues or ev.queue in self.queues) and (
-            not self.kinds or ev.kind in self.kinds)
+            not self.kinds or ev.kind in self.kinds
+        )
 
     def _key(self, ev: Event) -> Any:
         return ev.seq if self.job_id is not None else (ev.xid, ev.id)
@@ -115,24 +137,29 @@ class Subscription:
                 if self.job_id is not None and ev.type in FINAL:
                     return
         while True:
-            ev = await self.buffer.get()
-            if ev is None:
+            live = await self.buffer.get()
+            if live is None:
                 if self.overflowed:
                     raise StreamClosed("client too slow")
                 return  # the hub closed (shutdown)
-            if self._key(ev) <= self.position:
+            if self._key(live) <= self.position:
                 continue  # already sent during the replay
-            self.position = self._key(ev)
-            yield ev
-            if self.job_id is not None and ev.type in FINAL:
+            self.position = self._key(live)
+            yield live
+            if self.job_id is not None and live.type in FINAL:
                 return
 
 
 class EventHub:
     """Per-replica fan-out of job events to subscribers."""
 
-    def __init__(self, pool: Callable[[], AsyncConnectionPool[Conn] | None], *,
-                 buffer_size: int = 1000, poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        pool: Callable[[], AsyncConnectionPool[Conn] | None],
+        *,
+        buffer_size: int = 1000,
+        poll_s: float = 1.0,
+    ) -> None:
         self._pool = pool
         self.buffer_size = buffer_size
         self.poll_s = poll_s
@@ -184,11 +211,19 @@ class EventHub:
         async with self._connection() as conn:
             while True:
                 if sub.job_id is not None:
-                    rows = await (await conn.execute(QUERIES["job_events_after"], {
-                        "job_id": sub.job_id, "after": pos, "limit": PAGE})).fetchall()
+                    rows = await (
+                        await conn.execute(
+                            QUERIES["job_events_after"],
+                            {"job_id": sub.job_id, "after": pos, "limit": PAGE},
+                        )
+                    ).fetchall()
                 else:
-                    rows = await (await conn.execute(QUERIES["firehose_after"], {
-                        "xid": str(pos[0]), "id": pos[1], "limit": PAGE})).fetchall()
+                    rows = await (
+                        await conn.execute(
+                            QUERIES["firehose_after"],
+                            {"xid": str(pos[0]), "id": pos[1], "limit": PAGE},
+                        )
+                    ).fetchall()
                 page = [Event.from_row(r) for r in rows]
                 out.extend(e for e in page if sub.wants(e))
                 if len(page) < PAGE:
@@ -236,8 +271,11 @@ class EventHub:
                 self._wake.set()
 
     async def _fetch(self) -> bool:
-        jobs = list(self.by_job) if self._dirty_all else [
-            j for j in self._dirty_jobs if j in self.by_job]
+        jobs = (
+            list(self.by_job)
+            if self._dirty_all
+            else [j for j in self._dirty_jobs if j in self.by_job]
+        )
         self._dirty_all = False
         self._dirty_jobs.clear()
         more = False
@@ -246,9 +284,16 @@ class EventHub:
         self.fetches += 1
         async with self._connection() as conn:
             if jobs:
-                rows = await (await conn.execute(QUERIES["jobs_events_after"], {
-                    "job_ids": jobs, "afters": [self.job_cursor.get(j, 0) for j in jobs],
-                    "limit": PAGE * 4})).fetchall()
+                rows = await (
+                    await conn.execute(
+                        QUERIES["jobs_events_after"],
+                        {
+                            "job_ids": jobs,
+                            "afters": [self.job_cursor.get(j, 0) for j in jobs],
+                            "limit": PAGE * 4,
+                        },
+                    )
+                ).fetchall()
                 for row in rows:
                     ev = Event.from_row(row)
                     if ev.seq > self.job_cursor.get(ev.job_id, 0):
@@ -258,9 +303,12 @@ class EventHub:
                 if len(rows) >= PAGE * 4:
                     self._dirty_all = more = True
             if self.firehose and self.fire_cursor is not None:
-                rows = await (await conn.execute(QUERIES["firehose_after"], {
-                    "xid": str(self.fire_cursor[0]), "id": self.fire_cursor[1],
-                    "limit": PAGE})).fetchall()
+                rows = await (
+                    await conn.execute(
+                        QUERIES["firehose_after"],
+                        {"xid": str(self.fire_cursor[0]), "id": self.fire_cursor[1], "limit": PAGE},
+                    )
+                ).fetchall()
                 for row in rows:
                     ev = Event.from_row(row)
                     self.fire_cursor = (ev.xid, ev.id)

@@ -40,8 +40,7 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, env: dict[str, str], *, web: int, workers: int
-                 ) -> None:
+    def __init__(self, settings: Settings, env: dict[str, str], *, web: int, workers: int) -> None:
         self.settings = settings
         self.env = env
         self.want = {"web": web, "worker": workers}
@@ -81,15 +80,22 @@ class Supervisor:
             del self.children[key]
             tier, slot = key
             if child.stopping or slot >= self.want[tier]:
-                log.info("replica stopped", tier=tier, slot=slot, pid=child.proc.pid,
-                         exit_code=code)
+                log.info(
+                    "replica stopped", tier=tier, slot=slot, pid=child.proc.pid, exit_code=code
+                )
                 continue
             n = self.crashes.get(key, 0) + 1
             self.crashes[key] = n if now - child.started < 60 else 1
             delay = min(30.0, 0.5 * 2 ** (self.crashes[key] - 1))
             self.restart_at[key] = now + delay
-            log.warning("replica exited unexpectedly; restarting", tier=tier, slot=slot,
-                        pid=child.proc.pid, exit_code=code, restart_in_s=delay)
+            log.warning(
+                "replica exited unexpectedly; restarting",
+                tier=tier,
+                slot=slot,
+                pid=child.proc.pid,
+                exit_code=code,
+                restart_in_s=delay,
+            )
         for tier in TIERS:
             for slot in range(self.want[tier]):
                 key = (tier, slot)
@@ -111,8 +117,12 @@ class Supervisor:
         return {
             "want": dict(self.want),
             "replicas": [
-                {"tier": c.tier, "slot": c.slot, "pid": c.proc.pid,
-                 "uptime_s": round(time.monotonic() - c.started, 1)}
+                {
+                    "tier": c.tier,
+                    "slot": c.slot,
+                    "pid": c.proc.pid,
+                    "uptime_s": round(time.monotonic() - c.started, 1),
+                }
                 for c in sorted(self.children.values(), key=lambda c: (c.tier, c.slot))
             ],
         }
@@ -123,8 +133,11 @@ class Supervisor:
             line = await asyncio.wait_for(reader.readline(), timeout=5)
             request = json.loads(line or b"{}")
             if "scale" in request:
-                reply: dict[str, Any] = {"results": [
-                    self.scale(str(tier), int(n)) for tier, n in request["scale"].items()]}
+                reply: dict[str, Any] = {
+                    "results": [
+                        self.scale(str(tier), int(n)) for tier, n in request["scale"].items()
+                    ]
+                }
                 await self.reconcile()
             else:
                 reply = self.status()
@@ -154,8 +167,7 @@ class Supervisor:
             loop.add_signal_handler(sig, on_signal)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         sock_path = self.data_dir / CONTROL_SOCKET
-        if sock_path.exists():
-            sock_path.unlink()
+        sock_path.unlink(missing_ok=True)
         server = await asyncio.start_unix_server(self._control, path=str(sock_path))
         try:
             while not self.stop.is_set():
@@ -166,8 +178,7 @@ class Supervisor:
                     pass
         finally:
             server.close()
-            if sock_path.exists():
-                sock_path.unlink()
+            sock_path.unlink(missing_ok=True)
             await self._stop_all()
         return 0
 
@@ -176,12 +187,14 @@ class Supervisor:
             self._terminate(child)
         deadline = time.monotonic() + self.settings.worker_shutdown_grace_s + 10
         while time.monotonic() < deadline and any(
-                c.proc.poll() is None for c in self.children.values()):
+            c.proc.poll() is None for c in self.children.values()
+        ):
             await asyncio.sleep(0.1)
         for child in self.children.values():
             if child.proc.poll() is None:
-                log.warning("replica did not stop in time; killing", tier=child.tier,
-                            pid=child.proc.pid)
+                log.warning(
+                    "replica did not stop in time; killing", tier=child.tier, pid=child.proc.pid
+                )
                 child.proc.kill()
                 child.proc.wait()
         log.info("all replicas stopped")

@@ -58,21 +58,24 @@ class Running:
 class Worker:
     """Runs the jobs of ``queues`` with ``concurrency`` slots over ``pool``."""
 
-    def __init__(self, app: App, settings: Settings, pool: AsyncConnectionPool[Conn],
-                 owner: str) -> None:
+    def __init__(
+        self, app: App, settings: Settings, pool: AsyncConnectionPool[Conn], owner: str
+    ) -> None:
         self.app = app
         self.settings = settings
         self.pool = pool
         self.owner = owner
         self.queues = settings.queues()
         self.concurrency = settings.worker_concurrency
-        self.running: dict[int, Running] = {}   # handler still running
-        self.held: dict[int, int] = {}          # claimed, not yet acknowledged: id -> attempt
-        self.flusher = Flusher(pool, owner, max_events=settings.max_events_per_job,
-                               on_acked=self._acked)
+        self.running: dict[int, Running] = {}  # handler still running
+        self.held: dict[int, int] = {}  # claimed, not yet acknowledged: id -> attempt
+        self.flusher = Flusher(
+            pool, owner, max_events=settings.max_events_per_job, on_acked=self._acked
+        )
         self.maintenance = Maintenance(settings, pool)
-        self.executor = ThreadPoolExecutor(max_workers=min(self.concurrency, 64),
-                                           thread_name_prefix="tierline-job")
+        self.executor = ThreadPoolExecutor(
+            max_workers=min(self.concurrency, 64), thread_name_prefix="tierline-job"
+        )
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._more = True  # the last claim filled every free slot: more may be waiting
@@ -143,10 +146,15 @@ class Worker:
         if limit <= 0:
             return 0
         async with self.pool.connection() as conn:
-            cur = await conn.execute(QUERIES["claim"], {
-                "queues": self.queues, "limit": limit, "owner": self.owner,
-                "lease_s": self.settings.job_lease_s,
-            })
+            cur = await conn.execute(
+                QUERIES["claim"],
+                {
+                    "queues": self.queues,
+                    "limit": limit,
+                    "owner": self.owner,
+                    "lease_s": self.settings.job_lease_s,
+                },
+            )
             rows = await cur.fetchall()
         for row in rows:
             self._start(row)
@@ -155,9 +163,17 @@ class Worker:
     def _start(self, row: dict[str, Any]) -> None:
         job_id, attempt, queue = row["id"], row["attempt"], row["queue"]
         metrics.JOB_PICKUP.labels(queue).observe(max(0.0, float(row["pickup_s"] or 0.0)))
-        ctx = JobContext(job_id=job_id, kind=row["kind"], queue=queue, attempt=attempt,
-                         max_attempts=row["max_attempts"], app=self.app,
-                         emit=self.flusher.event, loop=self._loop, pool=self.pool)
+        ctx = JobContext(
+            job_id=job_id,
+            kind=row["kind"],
+            queue=queue,
+            attempt=attempt,
+            max_attempts=row["max_attempts"],
+            app=self.app,
+            emit=self.flusher.event,
+            loop=self._loop,
+            pool=self.pool,
+        )
         run = Running(job_id, attempt, queue, row["kind"], ctx)
         self.running[job_id] = run
         self.held[job_id] = attempt
@@ -179,21 +195,31 @@ class Worker:
         except Retry as r:
             finish.state = "retrying" if run.attempt < row["max_attempts"] else "failed"
             finish.delay_s = r.delay if r.delay is not None else retry_delay(run.attempt)
-            finish.error = {"type": "Retry", "message": r.reason or "retry requested",
-                            "attempt": run.attempt}
+            finish.error = {
+                "type": "Retry",
+                "message": r.reason or "retry requested",
+                "attempt": run.attempt,
+            }
         except Cancel as c:
             finish.state = "cancelled"
-            finish.error = {"type": "Cancel", "message": c.reason or "cancelled by handler",
-                            "attempt": run.attempt}
+            finish.error = {
+                "type": "Cancel",
+                "message": c.reason or "cancelled by handler",
+                "attempt": run.attempt,
+            }
         except asyncio.CancelledError:
             if run.cancel_deadline is None:
                 raise  # the worker is shutting down: the job is handed back, not finished
             finish.state = "cancelled"
-            finish.error = {"type": "Cancelled", "message": "cancelled on request",
-                            "attempt": run.attempt}
+            finish.error = {
+                "type": "Cancelled",
+                "message": "cancelled on request",
+                "attempt": run.attempt,
+            }
         except TimeoutError:
-            finish = self._failure(run, row, TimeoutError(
-                f"job timed out after {row['timeout_s']:g} s"), finish)
+            finish = self._failure(
+                run, row, TimeoutError(f"job timed out after {row['timeout_s']:g} s"), finish
+            )
         except Exception as exc:
             finish = self._failure(run, row, exc, finish)
         finish.duration_s = time.perf_counter() - started
@@ -210,12 +236,16 @@ class Worker:
             if handler.wants_context:
                 return await handler.func(ctx, **args)
             return await handler.func(**args)
-        call = (functools.partial(handler.func, ctx, **args) if handler.wants_context
-                else functools.partial(handler.func, **args))
+        call = (
+            functools.partial(handler.func, ctx, **args)
+            if handler.wants_context
+            else functools.partial(handler.func, **args)
+        )
         return await self._loop.run_in_executor(self.executor, call)
 
-    def _failure(self, run: Running, row: dict[str, Any], exc: BaseException,
-                 finish: Finish) -> Finish:
+    def _failure(
+        self, run: Running, row: dict[str, Any], exc: BaseException, finish: Finish
+    ) -> Finish:
         finish.error = {
             "type": type(exc).__name__,
             "message": str(exc)[:2000],
@@ -230,13 +260,23 @@ class Worker:
         return finish
 
     def _log_outcome(self, f: Finish) -> None:
-        fields = {"job_id": f.job_id, "kind": f.kind, "queue": f.queue, "attempt": f.attempt,
-                  "outcome": f.state, "duration_s": round(f.duration_s, 4)}
+        fields = {
+            "job_id": f.job_id,
+            "kind": f.kind,
+            "queue": f.queue,
+            "attempt": f.attempt,
+            "outcome": f.state,
+            "duration_s": round(f.duration_s, 4),
+        }
         if f.state == "failed":
             log.warning("job failed", error=(f.error or {}).get("message"), **fields)
         elif f.state == "retrying":
-            log.info("job will retry", error=(f.error or {}).get("message"),
-                     retry_in_s=round(f.delay_s, 2), **fields)
+            log.info(
+                "job will retry",
+                error=(f.error or {}).get("message"),
+                retry_in_s=round(f.delay_s, 2),
+                **fields,
+            )
         else:
             log.info("job finished", **fields)
 
@@ -260,8 +300,10 @@ class Worker:
         if not ids:
             return
         async with self.pool.connection() as conn:
-            cur = await conn.execute(QUERIES["renew_leases"], {
-                "ids": ids, "owner": self.owner, "lease_s": self.settings.job_lease_s})
+            cur = await conn.execute(
+                QUERIES["renew_leases"],
+                {"ids": ids, "owner": self.owner, "lease_s": self.settings.job_lease_s},
+            )
             rows = await cur.fetchall()
         kept = {r["id"] for r in rows}
         for r in rows:
@@ -269,8 +311,9 @@ class Worker:
                 self.request_cancel(r["id"])
         for job_id in ids:
             if job_id not in kept and job_id in self.held and job_id in self.running:
-                log.warning("lost the lease of a running job; it may run again elsewhere",
-                            job_id=job_id)
+                log.warning(
+                    "lost the lease of a running job; it may run again elsewhere", job_id=job_id
+                )
 
     # -- shutdown -----------------------------------------------------------------------------
     async def drain(self, grace_s: float) -> None:
@@ -301,16 +344,22 @@ class Worker:
                 rows = await cur.fetchall()
             log.info("handed running jobs back", jobs=len(rows))
         except Exception as exc:
-            log.warning("could not hand jobs back; they return when their lease expires",
-                        error=describe_error(exc), jobs=len(ids))
+            log.warning(
+                "could not hand jobs back; they return when their lease expires",
+                error=describe_error(exc),
+                jobs=len(ids),
+            )
 
     def stats(self) -> dict[str, Any]:
         busy = len(self.running)
         metrics.WORKER_SLOTS.labels("busy").set(busy)
         metrics.WORKER_SLOTS.labels("free").set(self.concurrency - busy)
-        return {"slots": {"busy": busy, "free": self.concurrency - busy},
-                "queues": self.queues, "completed": self.completed,
-                "pending_acks": self.flusher.pending()}
+        return {
+            "slots": {"busy": busy, "free": self.concurrency - busy},
+            "queues": self.queues,
+            "completed": self.completed,
+            "pending_acks": self.flusher.pending(),
+        }
 
 
 def _jsonable(value: Any) -> Any:

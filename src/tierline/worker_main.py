@@ -36,8 +36,12 @@ async def run_worker(app: App, settings: Settings) -> int:
         w = holder.get("worker")
         return w.stats() if w else {"slots": {"busy": 0, "free": settings.worker_concurrency}}
 
-    replica = Replica(settings, "worker", stats=worker_stats,
-                      pool_need=budget.worker_pool_need(settings.worker_concurrency, uses_db))
+    replica = Replica(
+        settings,
+        "worker",
+        stats=worker_stats,
+        pool_need=budget.worker_pool_need(settings.worker_concurrency, uses_db),
+    )
 
     def readiness() -> tuple[bool, str]:
         if holder.get("draining"):
@@ -55,18 +59,29 @@ async def run_worker(app: App, settings: Settings) -> int:
         worker_stats()
         return health.metrics_response()
 
-    server = QuietServer(uvicorn.Config(
-        Starlette(routes=[
-            Route("/metrics", metrics_endpoint),
-            Route("/healthz", health.healthz),
-            Route("/readyz", lambda _: health.readyz(readiness)),
-        ]),
-        host=settings.worker_metrics_host, port=settings.worker_metrics_port,
-        log_level="warning", lifespan="off", access_log=False,
-    ))
+    server = QuietServer(
+        uvicorn.Config(
+            Starlette(
+                routes=[
+                    Route("/metrics", metrics_endpoint),
+                    Route("/healthz", health.healthz),
+                    Route("/readyz", lambda _: health.readyz(readiness)),
+                ]
+            ),
+            host=settings.worker_metrics_host,
+            port=settings.worker_metrics_port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
+    )
     server_task = asyncio.create_task(server.serve(), name="metrics-listener")
-    log.info("worker starting", queues=queues, concurrency=settings.worker_concurrency,
-             metrics=f"http://{settings.worker_metrics_host}:{settings.worker_metrics_port}")
+    log.info(
+        "worker starting",
+        queues=queues,
+        concurrency=settings.worker_concurrency,
+        metrics=f"http://{settings.worker_metrics_host}:{settings.worker_metrics_port}",
+    )
 
     if not await replica.start(shutdown.stop):
         server.should_exit = True
@@ -82,8 +97,13 @@ async def run_worker(app: App, settings: Settings) -> int:
         worker._more = True  # a notification may have been missed while disconnected
         worker._wake.set()
 
-    listener = Listener(settings, ["tierline_jobs", "tierline_cancel"], worker.notify,
-                        on_connect=caught_up, name="worker-listen")
+    listener = Listener(
+        settings,
+        ["tierline_jobs", "tierline_cancel"],
+        worker.notify,
+        on_connect=caught_up,
+        name="worker-listen",
+    )
     side = [
         asyncio.create_task(worker.flusher.run(), name="flusher"),
         asyncio.create_task(worker.renew_forever(), name="lease-renewal"),
@@ -98,8 +118,11 @@ async def run_worker(app: App, settings: Settings) -> int:
     done, _ = await asyncio.wait([stop_task, claimer, *side], return_when=asyncio.FIRST_COMPLETED)
     for task in done:
         if task is not stop_task and not task.cancelled() and task.exception() is not None:
-            log.error("a worker task crashed; stopping", task=task.get_name(),
-                      error=repr(task.exception()))
+            log.error(
+                "a worker task crashed; stopping",
+                task=task.get_name(),
+                error=repr(task.exception()),
+            )
             exit_code = 1
     holder["draining"] = True
     await worker.drain(settings.worker_shutdown_grace_s)

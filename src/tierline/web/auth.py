@@ -37,7 +37,8 @@ class KeyRing:
             if unknown := wanted - set(SCOPES):
                 raise SettingsError(
                     f"TIERLINE_API_KEYS: unknown scope {sorted(unknown)[0]!r}; "
-                    f"allowed: {', '.join(SCOPES)}")
+                    f"allowed: {', '.join(SCOPES)}"
+                )
             if len(secret) < 8:
                 raise SettingsError("TIERLINE_API_KEYS: every key needs at least 8 characters")
             self.keys.append(Key(_digest(secret), wanted))
@@ -53,16 +54,21 @@ class KeyRing:
         header = conn.headers.get("authorization", "")
         kind, _, token = header.partition(" ")
         if kind.lower() != "bearer" or not token:
-            raise ApiError(401, "unauthorized", "missing API key: send Authorization: Bearer KEY",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing API key: send Authorization: Bearer KEY",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         digest = _digest(token.strip())
         found: Key | None = None
         for key in self.keys:  # no early exit: constant time over the key ring
             if hmac.compare_digest(key.digest, digest):
                 found = key
         if found is None:
-            raise ApiError(401, "unauthorized", "invalid API key",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "unauthorized", "invalid API key", headers={"WWW-Authenticate": "Bearer"}
+            )
         if scope not in found.scopes and "admin" not in found.scopes:
             raise ApiError(403, "forbidden", f"this key lacks the {scope!r} scope")
 

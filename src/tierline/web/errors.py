@@ -39,25 +39,42 @@ class ErrorResponse(BaseModel):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, details: Any = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.details, self.headers = details, headers
 
 
-def error_response(status: int, code: str, message: str, details: Any = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body: dict[str, Any] = {"status": status, "code": code, "message": message}
     if details is not None:
         body["details"] = details
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-         405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
-         413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
-         429: "too_many_requests", 503: "unavailable"}
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    503: "unavailable",
+}
 
 # Responses every /v1 route may give, for the OpenAPI document.
 COMMON: dict[int | str, dict[str, Any]] = {
@@ -73,8 +90,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg"),
-                    "type": e.get("type")} for e in exc.errors()[:20]]
+        details = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg"), "type": e.get("type")}
+            for e in exc.errors()[:20]
+        ]
         first = details[0] if details else {"loc": [], "msg": "invalid request"}
         where = ".".join(first["loc"][1:] if len(first["loc"]) > 1 else first["loc"])
         return error_response(422, "invalid_request", f"{where}: {first['msg']}", details)
@@ -82,7 +101,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        return error_response(
+            exc.status_code,
+            code,
+            str(exc.detail),
+            headers=dict(exc.headers) if exc.headers else None,
+        )
 
     @app.exception_handler(UnknownKind)
     async def _kind(_: Request, exc: UnknownKind) -> JSONResponse:
@@ -102,25 +126,33 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(PoolTimeout)
     async def _pool(_: Request, exc: PoolTimeout) -> JSONResponse:
-        return error_response(503, "pool_exhausted",
-                              "no database connection became free in time; retry shortly",
-                              headers={"Retry-After": "1"})
+        return error_response(
+            503,
+            "pool_exhausted",
+            "no database connection became free in time; retry shortly",
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(DatabaseUnavailable)
     async def _db(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
-        return error_response(503, "database_unavailable", str(exc),
-                              headers={"Retry-After": "2"})
+        return error_response(503, "database_unavailable", str(exc), headers={"Retry-After": "2"})
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         import psycopg
 
         if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-            return error_response(503, "database_unavailable",
-                                  "the database is unreachable; retry shortly",
-                                  headers={"Retry-After": "2"})
+            return error_response(
+                503,
+                "database_unavailable",
+                "the database is unreachable; retry shortly",
+                headers={"Retry-After": "2"},
+            )
         if isinstance(exc, psycopg.errors.DataError | psycopg.errors.ProgramLimitExceeded):
-            return error_response(422, "invalid_request", f"rejected by the database: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else 'invalid'}")
+            return error_response(
+                422,
+                "invalid_request",
+                f"rejected by the database: {str(exc).splitlines()[0] if str(exc) else 'invalid'}",
+            )
         log.exception("unhandled error", path=request.url.path)
         return error_response(500, "internal", "internal error")

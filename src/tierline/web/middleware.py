@@ -48,8 +48,9 @@ class BodyLimit:
             await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, "payload_too_large",
-                                  f"request bodies are limited to {self.limit} bytes")
+        response = error_response(
+            413, "payload_too_large", f"request bodies are limited to {self.limit} bytes"
+        )
         await response(scope, receive, send)
 
 

@@ -32,8 +32,7 @@ async def readyz(rt: Runtime = Depends(runtime)) -> JSONResponse:
     return health.readyz(rt.readiness)
 
 
-@router.get("/metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}}})
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics_route(request: Request, rt: Runtime = Depends(runtime)) -> Response:
     """Prometheus metrics of this replica."""
     if rt.settings.protect_metrics:
@@ -60,7 +59,8 @@ async def cluster(rt: Runtime = Depends(_reader)) -> dict[str, Any]:
     snap = dict(await stats.cluster())
     b = rt.replica.budget
     snap["budget"] = {
-        "total": b.total if b else None, "source": b.source if b else None,
+        "total": b.total if b else None,
+        "source": b.source if b else None,
         "claimed": snap["claimed_connections"],
         "free": (b.total - snap["claimed_connections"]) if b else None,
     }

@@ -38,8 +38,12 @@ class Runtime:
 
     def require_queue(self) -> Queue:
         if self.queue is None or not self.replica.ready:
-            raise ApiError(503, "not_ready", f"replica not ready: {self.replica.reason}",
-                           headers={"Retry-After": "2"})
+            raise ApiError(
+                503,
+                "not_ready",
+                f"replica not ready: {self.replica.reason}",
+                headers={"Retry-After": "2"},
+            )
         return self.queue
 
     def require_stats(self) -> Stats:

@@ -24,8 +24,9 @@ from tierline.web.runtime import Runtime
 log = get_logger(__name__)
 
 
-async def run_web(app: App, settings: Settings, *, sock: socket.socket | None = None,
-                  reuse_port: bool = False) -> int:
+async def run_web(
+    app: App, settings: Settings, *, sock: socket.socket | None = None, reuse_port: bool = False
+) -> int:
     shutdown = Shutdown()
     shutdown.install()
     keys = KeyRing(settings.api_keys.get_secret_value() if settings.api_keys else None)
@@ -44,15 +45,25 @@ async def run_web(app: App, settings: Settings, *, sock: socket.socket | None = 
     api = create_app(rt)
     if sock is None:
         sock = listen_socket(settings.web_host, settings.web_port, reuse_port=reuse_port)
-    server = QuietServer(uvicorn.Config(
-        api, log_level="warning", access_log=False, lifespan="off",
-        timeout_graceful_shutdown=10, loop="none", http="httptools",
-        timeout_keep_alive=30,
-    ))
+    server = QuietServer(
+        uvicorn.Config(
+            api,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=10,
+            loop="none",
+            http="httptools",
+            timeout_keep_alive=30,
+        )
+    )
     server_task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
     host, port = sock.getsockname()[:2]
-    log.info("web tier listening", url=f"http://{host}:{port}",
-             auth="api keys" if keys.enabled else "open")
+    log.info(
+        "web tier listening",
+        url=f"http://{host}:{port}",
+        auth="api keys" if keys.enabled else "open",
+    )
 
     side: list[asyncio.Task[Any]] = []
     if await replica.start(shutdown.stop):
@@ -60,16 +71,16 @@ async def run_web(app: App, settings: Settings, *, sock: socket.socket | None = 
         rt.queue = Queue(app, replica.pool, max_args_bytes=settings.max_args_bytes)
         rt.stats = Stats(replica.pool)
         app.bind(rt.queue)
-        listener = Listener(settings, ["tierline_events"], hub.notify,
-                            on_connect=hub.caught_up, name="web-listen")
+        listener = Listener(
+            settings, ["tierline_events"], hub.notify, on_connect=hub.caught_up, name="web-listen"
+        )
         side = [
             asyncio.create_task(replica.heartbeat_forever(), name="heartbeat"),
             asyncio.create_task(listener.run(), name="listener"),
             asyncio.create_task(hub.run(), name="event-hub"),
         ]
         stop_task = asyncio.create_task(shutdown.stop.wait())
-        await asyncio.wait([stop_task, server_task, *side],
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([stop_task, server_task, *side], return_when=asyncio.FIRST_COMPLETED)
         stop_task.cancel()
     # Shutdown: report not-ready, end streams cleanly, let requests finish, leave.
     rt.draining = True

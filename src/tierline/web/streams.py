@@ -20,8 +20,10 @@ from tierline.web.runtime import Runtime, runtime
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1", tags=["events"], responses=COMMON)
 
-SSE_DOC = {200: {"content": {"text/event-stream": {}}, "description": "An SSE stream."},
-           404: {"model": ErrorResponse}}
+SSE_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "An SSE stream."},
+    404: {"model": ErrorResponse},
+}
 
 
 def _reader(request: Request, rt: Runtime = Depends(runtime)) -> Runtime:
@@ -34,9 +36,10 @@ async def job_events(
     job_id: JobId,
     request: Request,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    after: Annotated[int | None, Query(ge=0, le=2**31 - 1,
-                                       description="Resume after this seq (like "
-                                                   "Last-Event-ID).")] = None,
+    after: Annotated[
+        int | None,
+        Query(ge=0, le=2**31 - 1, description="Resume after this seq (like Last-Event-ID)."),
+    ] = None,
     rt: Runtime = Depends(_reader),
 ) -> EventSourceResponse:
     """A job's events: the stored ones after `Last-Event-ID`, then live ones; the stream
@@ -44,8 +47,9 @@ async def job_events(
     position = after or 0
     if last_event_id is not None and last_event_id.strip():
         if not last_event_id.strip().isdigit() or int(last_event_id) >= 2**31:
-            raise ApiError(400, "bad_request",
-                           "Last-Event-ID must be the seq number of an event of this job")
+            raise ApiError(
+                400, "bad_request", "Last-Event-ID must be the seq number of an event of this job"
+            )
         position = int(last_event_id)
     await rt.require_queue().get(job_id)  # 404 for an unknown job
     sub = Subscription(rt.hub, job_id=job_id, after=position)
@@ -77,17 +81,27 @@ async def firehose(
             raise ApiError(400, "bad_request", f"Last-Event-ID: {exc}") from None
     else:
         position = await rt.hub.firehose_head()
-    sub = Subscription(rt.hub, job_id=None, after=position,
-                       queues=frozenset(queue or ()), kinds=frozenset(kind or ()))
+    sub = Subscription(
+        rt.hub,
+        job_id=None,
+        after=position,
+        queues=frozenset(queue or ()),
+        kinds=frozenset(kind or ()),
+    )
     return _stream(rt, sub, request, firehose=True)
 
 
-def _stream(rt: Runtime, sub: Subscription, request: Request, *,
-            firehose: bool) -> EventSourceResponse:
+def _stream(
+    rt: Runtime, sub: Subscription, request: Request, *, firehose: bool
+) -> EventSourceResponse:
     if rt.hub.active >= rt.settings.sse_max_streams:
-        raise ApiError(503, "too_many_streams",
-                       f"this replica serves at most {rt.settings.sse_max_streams} streams; "
-                       "retry (another replica may have room)", headers={"Retry-After": "1"})
+        raise ApiError(
+            503,
+            "too_many_streams",
+            f"this replica serves at most {rt.settings.sse_max_streams} streams; "
+            "retry (another replica may have room)",
+            headers={"Retry-After": "1"},
+        )
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         await rt.hub.subscribe(sub)
@@ -96,7 +110,9 @@ def _stream(rt: Runtime, sub: Subscription, request: Request, *,
                 metrics.SSE_EVENTS.inc()
                 yield ServerSentEvent(
                     data=json.dumps(ev.payload(), separators=(",", ":"), default=str),
-                    event=ev.type, id=ev.firehose_id if firehose else str(ev.seq))
+                    event=ev.type,
+                    id=ev.firehose_id if firehose else str(ev.seq),
+                )
         except StreamClosed:
             log.info("slow SSE client disconnected; it may resume", job_id=sub.job_id)
         finally:
@@ -104,6 +120,9 @@ def _stream(rt: Runtime, sub: Subscription, request: Request, *,
 
     headers: dict[str, Any] = {"X-Accel-Buffering": "no", "Cache-Control": "no-store"}
     return EventSourceResponse(
-        events(), headers=headers, ping=rt.settings.sse_heartbeat_s,
-        send_timeout=30, shutdown_event=rt.shutdown,
+        events(),
+        headers=headers,
+        ping=rt.settings.sse_heartbeat_s,
+        send_timeout=30,
+        shutdown_event=rt.shutdown,
     )

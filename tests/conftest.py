@@ -1,0 +1,124 @@
+"""Shared fixtures: a real PostgreSQL, a migrated template database, a fresh copy per test,
+and helpers that start real ``tierline`` processes.
+
+The server is ``TIERLINE_TEST_DATABASE_URL`` when set (CI: the machine's PostgreSQL),
+else an embedded one from ``pgserver`` in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from tests.helpers import admin_connect, with_dbname
+from tests.jobs_app import RUNS_TABLE
+from tierline import migrations
+from tierline.settings import Settings
+
+_RUN = uuid.uuid4().hex[:8]
+_COUNTER = iter(range(1, 1_000_000))
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    url = os.environ.get("TIERLINE_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from tierline import embedded
+
+    folder = tempfile.mkdtemp(prefix="tierline-test-pg-")
+    yield embedded.start(folder)
+
+
+@pytest.fixture(scope="session")
+def template_db(server_url: str) -> Iterator[str]:
+    name = f"tl_tpl_{_RUN}"
+    with admin_connect(server_url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = with_dbname(server_url, name)
+
+    async def setup() -> None:
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        try:
+            await migrations.migrate(conn)  # type: ignore[arg-type]
+            await conn.execute(RUNS_TABLE)
+        finally:
+            await conn.close()
+
+    asyncio.run(setup())
+    yield name
+    with admin_connect(server_url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"tl_{_RUN}_{next(_COUNTER)}"
+    with admin_connect(server_url) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield with_dbname(server_url, name)
+    with admin_connect(server_url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_db_url(server_url: str) -> Iterator[str]:
+    """A fresh database without the Tierline schema."""
+    name = f"tl_{_RUN}_e{next(_COUNTER)}"
+    with admin_connect(server_url) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield with_dbname(server_url, name)
+    with admin_connect(server_url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def make_settings(db_url: str, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "database_url": db_url,
+        "startup_jitter_s": 0,
+        "worker_poll_interval_s": 0.2,
+        "heartbeat_s": 1,
+        "replica_lease_s": 3,
+    }
+    base.update(overrides)
+    return Settings.from_env({}, **base)
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    return make_settings(db_url)
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
+    p: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        db_url,
+        min_size=1,
+        max_size=8,
+        open=False,
+        kwargs={"autocommit": True, "row_factory": dict_row},
+    )
+    await p.open(wait=True, timeout=10)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def cluster(db_url: str, tmp_path: Any) -> Iterator[Any]:
+    from tests.helpers import Cluster
+
+    c = Cluster(db_url, tmp_path)
+    yield c
+    c.close()

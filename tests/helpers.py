@@ -1,0 +1,176 @@
+"""Test helpers: database URLs, waiting with timeouts, real ``tierline`` processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import psycopg
+from psycopg.rows import dict_row
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def with_dbname(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@contextlib.contextmanager
+def admin_connect(url: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        yield conn
+
+
+def query(url: str, sql: str, params: Any = None) -> list[dict[str, Any]]:
+    with admin_connect(url) as conn:
+        cur = conn.execute(sql, params)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll ``predicate`` until truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # keep polling; report the last one on timeout
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}"
+        + (f" (last error: {last_exc!r})" if last_exc else "")
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    """A real ``tierline`` process with its own environment and log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args = args
+        self.log_path = log
+        self.log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tierline", *args],
+            env=env,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.env = env
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        if not self.log_file.closed:
+            self.log_file.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 30) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise AssertionError(
+                f"{self.args[0]} did not stop within {timeout}s:\n" + self.output()[-3000:]
+            ) from None
+        finally:
+            self.log_file.close()
+
+
+def base_env(db_url: str, **extra: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERLINE_")}
+    env.update(
+        {
+            "TIERLINE_DATABASE_URL": db_url,
+            "TIERLINE_STARTUP_JITTER_S": "0",
+            "TIERLINE_LOG_FORMAT": "json",
+            "TIERLINE_HEARTBEAT_S": "1",
+            "TIERLINE_REPLICA_LEASE_S": "3",
+            "TIERLINE_WORKER_POLL_INTERVAL_S": "0.2",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Cluster:
+    """Start web and worker processes for one test; everything stops at the end."""
+
+    def __init__(self, db_url: str, tmp: Path, **env: Any) -> None:
+        self.db_url = db_url
+        self.tmp = tmp
+        self.env = env
+        self.procs: list[Proc] = []
+
+    def web(self, **env: Any) -> tuple[Proc, str]:
+        port = free_port()
+        e = base_env(self.db_url, TIERLINE_WEB_PORT=port, **{**self.env, **env})
+        proc = Proc(["web"], e, self.tmp / f"web-{port}.log")
+        self.procs.append(proc)
+        return proc, f"http://127.0.0.1:{port}"
+
+    def worker(self, **env: Any) -> tuple[Proc, str]:
+        port = free_port()
+        e = base_env(self.db_url, TIERLINE_WORKER_METRICS_PORT=port, **{**self.env, **env})
+        proc = Proc(["worker"], e, self.tmp / f"worker-{port}-{len(self.procs)}.log")
+        self.procs.append(proc)
+        return proc, f"http://127.0.0.1:{port}"
+
+    def wait_ready(self, url: str, proc: Proc, timeout: float = 30) -> None:
+        def ready() -> bool:
+            if proc.proc.poll() is not None:
+                raise AssertionError(f"process exited early:\n{proc.output()[-3000:]}")
+            try:
+                return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_for(ready, timeout, f"{url}/readyz")
+        except AssertionError:
+            raise AssertionError(f"{url} not ready:\n{proc.output()[-3000:]}") from None
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.proc.poll() is None:
+                p.signal(signal.SIGKILL)
+                with contextlib.suppress(Exception):
+                    p.proc.wait(timeout=10)
+            with contextlib.suppress(Exception):
+                p.log_file.close()
