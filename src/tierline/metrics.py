@@ -189,12 +189,19 @@ SERVER_CONNECTIONS = gauge(
     "tierline_db_server_connections",
     "Client connections on the PostgreSQL server now.",
     (),
-    "Near tierline_db_budget_connections: the database is close to refusing connections.",
+    "Near tierline_db_server_max_connections: the database is close to refusing connections.",
+    "both",
+)
+SERVER_MAX_CONNECTIONS = gauge(
+    "tierline_db_server_max_connections",
+    "The PostgreSQL server's max_connections setting.",
+    (),
+    "Not a saturation signal: the denominator of tierline_db_server_connections (alert at 0.8).",
     "both",
 )
 BUDGET = gauge(
     "tierline_db_budget_connections",
-    "The global connection budget, and what live replicas have claimed of it.",
+    "The global connection budget (kind=total), and what live replicas claimed (claimed).",
     ("kind",),
     "claimed near total: new replicas will wait not-ready; see the pool sizing guide.",
     "both",

@@ -134,6 +134,7 @@ class Replica:
                     limits["superuser_reserved"],
                     limits["reserved"],
                 )
+                metrics.BUDGET.labels("total").set(self.budget.total)
                 live = await (
                     await conn.execute(QUERIES["live_claims"], {"id": self.id})
                 ).fetchone()

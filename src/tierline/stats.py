@@ -118,6 +118,8 @@ class Stats:
         metrics.BUDGET.labels("claimed").set(claimed)
         if conns:
             metrics.SERVER_CONNECTIONS.set(conns["connections"])
+        if limits:
+            metrics.SERVER_MAX_CONNECTIONS.set(limits["max_connections"])
         return snap
 
 
