@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import threading
 from collections.abc import Callable, Sequence
@@ -111,7 +110,7 @@ class App:
         """Validate a request and fill in the handler's defaults: the row to insert."""
         handler = self.handler(request.kind)
         args = handler.validate(request.args)
-        if json_size(args) > max_args_bytes:
+        if args and json_size(args) > max_args_bytes:
             raise InvalidJob(f"args are larger than {max_args_bytes} bytes")
         return {
             "queue": request.queue or handler.queue,
@@ -131,10 +130,11 @@ class App:
         job, _created = await queue.enqueue(JobRequest(kind=kind, args=args or {}, **options))
         return job  # type: ignore[no-any-return]
 
-    async def enqueue_many(self, requests: Sequence[JobRequest]) -> list[Job]:
-        """Enqueue many jobs in one round trip and one transaction."""
+    async def enqueue_many(self, requests: Sequence[JobRequest]) -> list[int]:
+        """Enqueue many jobs in one round trip and one transaction; returns their ids (a
+        repeated idempotency key gives the existing job's id)."""
         queue = await self._get_queue()
-        return [job for job, _ in await queue.enqueue_batch(requests)]
+        return [job_id for job_id, _ in await queue.enqueue_batch_ids(requests)]
 
     def enqueue_sync(self, kind: str, args: dict[str, Any] | None = None, **options: Any) -> Job:
         """The synchronous twin of ``enqueue``, for scripts and sync web frameworks."""
@@ -207,6 +207,3 @@ def _summary(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def run_sync(coro: Any) -> Any:
-    """Run a coroutine from synchronous code that has no running loop."""
-    return asyncio.run(coro)

@@ -63,10 +63,32 @@ class Queue:
         raise InvalidTransition("idempotency key conflict did not settle; try again")
 
     async def enqueue_batch(self, requests: Sequence[JobRequest]) -> list[tuple[Job, bool]]:
-        """Insert many jobs in one statement and one transaction, in order."""
+        """Insert many jobs in one statement and one transaction; ``(job, created)`` in
+        input order."""
+        unique, position, found = await self._insert_batch(requests)
+        existing = [r["id"] for r in found if not r["created"]]
+        known: dict[int, Job] = {}
+        if existing:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(QUERIES["get_jobs"], {"ids": existing})
+                known = {r["id"]: Job.from_row(r) for r in await cur.fetchall()}
+        jobs = [
+            (_new_job(row, r) if r["created"] else known[r["id"]], bool(r["created"]))
+            for row, r in zip(unique, found, strict=True)
+        ]
+        return _expand(jobs, position)
+
+    async def enqueue_batch_ids(self, requests: Sequence[JobRequest]) -> list[tuple[int, bool]]:
+        """Like ``enqueue_batch`` but answers only ``(id, created)``: the fast path."""
+        _, position, found = await self._insert_batch(requests)
+        return _expand([(r["id"], bool(r["created"])) for r in found], position)
+
+    async def _insert_batch(
+        self, requests: Sequence[JobRequest]
+    ) -> tuple[list[dict[str, Any]], list[int], list[dict[str, Any]]]:
         rows = [self.app.prepare(r, max_args_bytes=self.max_args_bytes) for r in requests]
         if not rows:
-            return []
+            return [], [], []
         # A key repeated inside the batch is one job: later copies map to the first.
         first_of: dict[str, int] = {}
         unique: list[dict[str, Any]] = []
@@ -80,23 +102,14 @@ class Queue:
                 first_of[key] = len(unique)
             position.append(len(unique))
             unique.append(row)
-        params = {
-            "queues": [r["queue"] for r in unique],
-            "kinds": [r["kind"] for r in unique],
-            "args": [Jsonb(r["args"]) for r in unique],
-            "priorities": [r["priority"] for r in unique],
-            "run_ats": [r["run_at"] for r in unique],
-            "max_attempts": [r["max_attempts"] for r in unique],
-            "timeouts": [r["timeout_s"] for r in unique],
-            "keys": [r["idempotency_key"] for r in unique],
-        }
+        params = {"batch": Jsonb([_json_row(r) for r in unique])}
         found: list[dict[str, Any]] = []
         for _ in range(3):
             try:
                 async with self.pool.connection() as conn, conn.transaction():
                     cur = await conn.execute(QUERIES["enqueue_batch"], params)
                     found = await cur.fetchall()
-                    if len(found) != len(unique):
+                    if len(found) != len(unique) or any(r["id"] is None for r in found):
                         # A key was committed by someone else meanwhile: undo, run again.
                         raise _KeyRace
                 break
@@ -105,20 +118,12 @@ class Queue:
         else:  # pragma: no cover - three concurrent collisions in a row
             raise InvalidTransition("idempotency key conflict did not settle; try again")
         created_per_queue: dict[str, int] = {}
-        jobs = []
-        for r in found:
+        for row, r in zip(unique, found, strict=True):
             if r["created"]:
-                created_per_queue[r["queue"]] = created_per_queue.get(r["queue"], 0) + 1
-            jobs.append((Job.from_row(r), bool(r["created"])))
+                created_per_queue[row["queue"]] = created_per_queue.get(row["queue"], 0) + 1
         for queue, n in created_per_queue.items():
             metrics.JOBS_ENQUEUED.labels(queue).inc(n)
-        seen: set[int] = set()
-        out = []
-        for pos in position:
-            job, created = jobs[pos]
-            out.append((job, created and pos not in seen))
-            seen.add(pos)
-        return out
+        return unique, position, found
 
     # -- read -------------------------------------------------------------------------------
     async def get(self, job_id: int) -> Job:
@@ -169,6 +174,34 @@ class Queue:
         if not row["changed"]:
             raise InvalidTransition(f"job {job_id} is {row['state']}: {refusal}")
         return Job.from_row(row)
+
+
+def _expand(items: list[tuple[Any, bool]], position: list[int]) -> list[tuple[Any, bool]]:
+    """Map de-duplicated results back to the caller's rows (a repeat is not 'created')."""
+    seen: set[int] = set()
+    out = []
+    for pos in position:
+        item, created = items[pos]
+        out.append((item, created and pos not in seen))
+        seen.add(pos)
+    return out
+
+
+def _new_job(row: dict[str, Any], r: dict[str, Any]) -> Job:
+    """The Job a fresh insert made, from its input and what the database added."""
+    return Job.model_construct(
+        id=r["id"], kind=row["kind"], queue=row["queue"], state=r["state"], args=row["args"],
+        priority=row["priority"], attempt=0, max_attempts=row["max_attempts"],
+        timeout_s=row["timeout_s"], idempotency_key=row["idempotency_key"],
+        run_at=r["run_at"], created_at=r["created_at"], updated_at=r["created_at"],
+        started_at=None, finished_at=None, result=None, error=None, progress=None,
+        cancel_requested=False,
+    )
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    run_at = row["run_at"]
+    return {**row, "run_at": run_at.isoformat() if run_at is not None else None}
 
 
 class _KeyRace(Exception):

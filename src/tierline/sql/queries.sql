@@ -32,16 +32,20 @@ WHERE %(idempotency_key)s::text IS NOT NULL AND j.idempotency_key = %(idempotenc
   AND NOT EXISTS (SELECT 1 FROM ins);
 
 -- name: enqueue_batch
--- Many jobs in one statement; rows come back in input order (`ord`). Duplicate keys within
+-- Many jobs in one statement; rows come back in input order (`ord`), slim: what a new
+-- row adds to its input (id, state, times); the caller reads repeated keys' jobs whole. The batch arrives as
+-- one JSON array (one parse on each side instead of one per value). Duplicate keys within
 -- one batch are removed by the caller; a key committed concurrently leaves a row out and
 -- the caller retries the whole transaction.
 WITH u AS (
-    SELECT u.*, nextval(pg_get_serial_sequence('tierline.jobs', 'id')) AS id
-    FROM unnest(%(queues)s::text[], %(kinds)s::text[], %(args)s::jsonb[],
-                %(priorities)s::smallint[], %(run_ats)s::timestamptz[], %(max_attempts)s::int[],
-                %(timeouts)s::float8[], %(keys)s::text[])
-         WITH ORDINALITY AS u(queue, kind, args, priority, run_at, max_attempts, timeout_s,
-                              idempotency_key, ord)
+    SELECT e.ord, nextval(pg_get_serial_sequence('tierline.jobs', 'id')) AS id,
+           e.j->>'queue' AS queue, e.j->>'kind' AS kind, coalesce(e.j->'args', '{}') AS args,
+           coalesce((e.j->>'priority')::smallint, 0) AS priority,
+           (e.j->>'run_at')::timestamptz AS run_at,
+           (e.j->>'max_attempts')::int AS max_attempts,
+           (e.j->>'timeout_s')::float8 AS timeout_s,
+           e.j->>'idempotency_key' AS idempotency_key
+    FROM jsonb_array_elements(%(batch)s::jsonb) WITH ORDINALITY AS e(j, ord)
 ), ins AS (
     INSERT INTO tierline.jobs
         (id, queue, kind, args, state, priority, run_at, max_attempts, timeout_s,
@@ -65,14 +69,12 @@ WITH u AS (
                      CASE WHEN count(*) > 300 THEN '*' ELSE string_agg(id::text, ',') END)
     FROM ins HAVING count(*) > 0
 )
-SELECT u.ord, j.* FROM u
+SELECT u.ord, coalesce(ins.id, e.id) AS id, ins.id IS NOT NULL AS created,
+       coalesce(ins.state, e.state) AS state, coalesce(ins.run_at, e.run_at) AS run_at,
+       coalesce(ins.created_at, e.created_at) AS created_at
+FROM u
 LEFT JOIN ins ON ins.id = u.id
-CROSS JOIN LATERAL (
-    SELECT ins.*, true AS created WHERE ins.id IS NOT NULL
-    UNION ALL
-    SELECT e.*, false AS created FROM tierline.jobs e
-    WHERE ins.id IS NULL AND e.idempotency_key = u.idempotency_key
-) j
+LEFT JOIN tierline.jobs e ON ins.id IS NULL AND e.idempotency_key = u.idempotency_key
 WHERE (SELECT count(*) FROM notified) >= 0
 ORDER BY u.ord;
 
@@ -329,6 +331,9 @@ WHERE j.id = %(id)s AND NOT EXISTS (SELECT 1 FROM upd);
 
 -- name: get_job
 SELECT * FROM tierline.jobs WHERE id = %(id)s;
+
+-- name: get_jobs
+SELECT * FROM tierline.jobs WHERE id = ANY(%(ids)s::bigint[]);
 
 -- name: list_jobs
 -- Keyset pagination on id (newest first); every filter optional.

@@ -38,10 +38,11 @@ CREATE INDEX jobs_lease_owner_idx ON tierline.jobs (lease_owner)
 -- Pruning and throughput walk finished jobs by time.
 CREATE INDEX jobs_finished_idx ON tierline.jobs (finished_at, queue)
     WHERE state IN ('succeeded', 'failed', 'cancelled');
--- Listing by queue/state and the queue statistics.
-CREATE INDEX jobs_queue_state_idx ON tierline.jobs (queue, state);
+-- Listing by state, newest first (the dashboard's recent failures, operators' queries).
+-- Deliberately no index per queue or kind: every index costs each enqueue, the queue
+-- statistics are computed by one process every few seconds, and filtered listings walk
+-- the primary key backwards.
 CREATE INDEX jobs_state_id_idx ON tierline.jobs (state, id);
-CREATE INDEX jobs_kind_id_idx ON tierline.jobs (kind, id);
 -- Enqueue is exactly-once per idempotency key.
 CREATE UNIQUE INDEX jobs_idempotency_key_idx ON tierline.jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
