@@ -316,11 +316,14 @@ class Worker:
                 )
 
     # -- shutdown -----------------------------------------------------------------------------
-    async def drain(self, grace_s: float) -> None:
+    async def drain(self, grace_s: float, claimer: asyncio.Task[None] | None = None) -> None:
         """Stop claiming, let running jobs finish within ``grace_s``, hand back the rest."""
         self.claiming = False
         self._wake.set()
         self._slot_freed.set()
+        if claimer is not None and not claimer.done():
+            # A claim in flight still starts its jobs; wait for it so none is missed below.
+            await asyncio.wait([claimer], timeout=max(1.0, self.settings.db_pool_timeout_s))
         tasks = [r.task for r in self.running.values() if r.task is not None]
         if tasks:
             log.info("waiting for running jobs", jobs=len(tasks), grace_s=grace_s)

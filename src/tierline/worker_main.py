@@ -125,7 +125,7 @@ async def run_worker(app: App, settings: Settings) -> int:
             )
             exit_code = 1
     holder["draining"] = True
-    await worker.drain(settings.worker_shutdown_grace_s)
+    await worker.drain(settings.worker_shutdown_grace_s, claimer)
     for task in [claimer, *side, stop_task]:
         task.cancel()
     await asyncio.gather(claimer, *side, stop_task, return_exceptions=True)
