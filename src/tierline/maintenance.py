@@ -21,7 +21,9 @@ from tierline.settings import Settings
 
 log = get_logger(__name__)
 
-MAINTENANCE_LOCK = 7347123002
+PRUNE_EVERY_S = 10.0
+PRUNE_BATCH = 5000
+PRUNE_MAX_BATCHES = 50
 RESCUE_OUTCOME = {"failed": "failed", "cancelled": "cancelled", "available": "rescued"}
 
 
@@ -45,12 +47,7 @@ class Maintenance:
     async def tick(self) -> dict[str, int]:
         done = {"rescued": 0, "promoted": 0, "pruned": 0}
         async with self.pool.connection() as conn, conn.transaction():
-            got = await (
-                await conn.execute(
-                    "SELECT pg_try_advisory_xact_lock(%s) AS ok", (MAINTENANCE_LOCK,)
-                )
-            ).fetchone()
-            if not got or not got["ok"]:
+            if not await _leader(conn):
                 return done
             rows = await (await conn.execute(QUERIES["rescue_expired"])).fetchall()
             for r in rows:
@@ -60,18 +57,38 @@ class Maintenance:
                 log.warning("rescued jobs whose replica stopped heartbeating", jobs=len(rows))
             promoted = await (await conn.execute(QUERIES["promote_due"])).fetchall()
             done["promoted"] = len(promoted)
-            now = time.monotonic()
-            if now - self._last_prune > 60:
-                self._last_prune = now
-                pruned = await (
+        now = time.monotonic()
+        if now - self._last_prune > PRUNE_EVERY_S:
+            self._last_prune = now
+            done["pruned"] = await self.prune()
+        return done
+
+    async def prune(self) -> int:
+        """Delete finished jobs past retention, in short transactions of ``PRUNE_BATCH``
+        (a long one would hold back vacuum and the event firehose)."""
+        total = 0
+        for _ in range(PRUNE_MAX_BATCHES):
+            async with self.pool.connection() as conn, conn.transaction():
+                if not await _leader(conn):
+                    break
+                row = await (
                     await conn.execute(
                         QUERIES["prune"],
-                        {
-                            "retention_s": self.settings.job_retention_s,
-                            "limit": 10_000,
-                        },
+                        {"retention_s": self.settings.job_retention_s, "limit": PRUNE_BATCH},
                     )
                 ).fetchone()
-                done["pruned"] = int(pruned["pruned"]) if pruned else 0
-                await conn.execute(QUERIES["prune_replicas"])
-        return done
+                pruned = int(row["pruned"]) if row else 0
+                if total == 0:
+                    await conn.execute(QUERIES["prune_replicas"])
+            total += pruned
+            if pruned < PRUNE_BATCH:
+                break
+        if total:
+            log.info("pruned finished jobs", jobs=total)
+        return total
+
+
+async def _leader(conn: Conn) -> bool:
+    """Whether this transaction holds the maintenance lock (one worker per round)."""
+    got = await (await conn.execute(QUERIES["maintenance_lock"])).fetchone()
+    return bool(got and got["ok"])

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from tierline import __version__, budget, metrics, migrations
 from tierline.database import Conn, backoff_delays, connect, describe_error, make_pool
@@ -86,8 +86,9 @@ class Replica:
         else:
             return False
         self.granted = granted
-        for cap in granted.caps[len(self.plan.caps) :]:
-            _log_cap(cap)
+        for cap in granted.caps:
+            if cap not in self.plan.caps:  # the budget's caps; the CPU's were logged above
+                _log_cap(cap)
         self.pool = make_pool(
             self.settings, min_size=granted.min_size, max_size=granted.max_size, name=self.tier
         )
@@ -116,8 +117,10 @@ class Replica:
             )
 
     async def _claim(self) -> budget.PoolPlan | None:
+        # The claim is one transaction (transaction-scoped lock): fine through PgBouncer, so
+        # it uses the pool URL; a broken direct URL then only costs LISTEN (polling remains).
         conn = await connect(
-            self.settings.direct_dsn(),
+            self.settings.dsn(),
             self.settings,
             attempts=1,
             application_name=f"tierline-{self.tier}-claim",
@@ -180,8 +183,12 @@ class Replica:
     async def heartbeat(self) -> None:
         if self.pool is None:
             return
+        # A saturated pool is not a dead database: the heartbeat queues for a connection
+        # like any request, but longer, because a lapsed lease would hand connections this
+        # replica still holds to another replica.
+        wait_s = max(self.settings.db_pool_timeout_s, self.settings.replica_lease_s / 2)
         try:
-            async with self.pool.connection() as conn:
+            async with self.pool.connection(timeout=wait_s) as conn:
                 cur = await conn.execute(
                     QUERIES["heartbeat"],
                     {
@@ -195,6 +202,13 @@ class Replica:
             self.healthy_db = True
             if self.reason.startswith("database unreachable"):
                 self.ready, self.reason = True, ""
+        except PoolTimeout:
+            log.warning(
+                "heartbeat found no free pool connection; the pool is saturated",
+                waited_s=wait_s,
+                pool=self.pool_snapshot(),
+            )
+            return
         except Exception as exc:
             self.healthy_db = False
             self.ready, self.reason = False, f"database unreachable: {describe_error(exc)}"

@@ -260,6 +260,9 @@ WITH due AS (
 SELECT q AS queue, pg_notify('tierline_jobs', q) IS NULL AS notified
 FROM (SELECT DISTINCT queue AS q FROM upd) s;
 
+-- name: maintenance_lock
+SELECT pg_try_advisory_xact_lock(7347123002) AS ok;
+
 -- name: prune
 -- Finished jobs past retention, and their events.
 WITH old AS (
