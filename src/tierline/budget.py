@@ -61,13 +61,15 @@ def usable_cores(
     cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup",
     proc_self_cgroup: str | os.PathLike[str] = "/proc/self/cgroup",
     affinity: int | None = None,
+    host: int | None = None,
 ) -> Cores:
     """Cores usable by this process: CPU affinity and the cgroup CPU quota (v1 or v2).
 
     A pod limited to 500m gets 1, not the node's 64: the quota is rounded up, never down
-    to zero.
+    to zero. The arguments exist for tests (fixture files instead of ``/sys`` and
+    ``/proc``); ``host`` defaults to ``os.cpu_count()``.
     """
-    host = os.cpu_count() or 1
+    host = host or os.cpu_count() or 1
     if affinity is None:
         try:
             affinity = len(os.sched_getaffinity(0))
@@ -175,7 +177,8 @@ def cpu_capped_pool(settings: Settings, tier: Tier, cores: Cores) -> PoolPlan:
                 env_name(f"{tier}_db_pool_max"),
                 req_max,
                 cpu_cap,
-                f"{cores.usable} usable cores ({cores.source}) x "
+                f"{cores.usable} usable core{'' if cores.usable == 1 else 's'} "
+                f"({cores.source}) x "
                 f"{env_name('db_pool_cpu_factor')} {settings.db_pool_cpu_factor:g}",
             )
         )
@@ -200,39 +203,40 @@ def fit_to_budget(plan: PoolPlan, free: int, budget_total: int) -> PoolPlan | No
         f"connection budget: {free} of {budget_total} connections left "
         f"({LISTEN_CONNECTIONS} for LISTEN)",
     )
+    # The minimum follows the new maximum: a _MIN cap made against the CPU cap is stale.
+    caps = [c for c in plan.caps if not c.variable.endswith("_MIN")]
     return _with_min(
         PoolPlan(
             plan.tier,
             plan.requested_min,
             plan.requested_max,
-            min(plan.min_size, room),
+            min(plan.requested_min, room),
             room,
-            [*plan.caps, cap],
+            [*caps, cap],
         )
     )
 
 
 def _with_min(plan: PoolPlan) -> PoolPlan:
-    if plan.requested_min > plan.max_size and not any(
-        c.variable.endswith("_MIN") for c in plan.caps
-    ):
-        return PoolPlan(
-            plan.tier,
-            plan.requested_min,
-            plan.requested_max,
-            plan.max_size,
-            plan.max_size,
-            [
-                *plan.caps,
-                Cap(
-                    env_name(f"{plan.tier}_db_pool_min"),
-                    plan.requested_min,
-                    plan.max_size,
-                    "the pool's effective maximum is lower",
-                ),
-            ],
-        )
-    return plan
+    """Cap the pool minimum at its maximum, with a Cap saying so."""
+    if plan.requested_min <= plan.max_size:
+        return plan
+    return PoolPlan(
+        plan.tier,
+        plan.requested_min,
+        plan.requested_max,
+        plan.max_size,
+        plan.max_size,
+        [
+            *(c for c in plan.caps if not c.variable.endswith("_MIN")),
+            Cap(
+                env_name(f"{plan.tier}_db_pool_min"),
+                plan.requested_min,
+                plan.max_size,
+                "the pool's effective maximum is lower",
+            ),
+        ],
+    )
 
 
 def worker_pool_need(concurrency: int, handlers_use_db: bool) -> int:

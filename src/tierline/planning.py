@@ -30,7 +30,9 @@ class Plan:
     budget: Budget
     cores: Cores
     tiers: list[TierPlan]
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # caps and undersized pools
+    problems: list[str] = field(default_factory=list)  # why it does not fit, what would
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -39,6 +41,11 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.total <= self.budget.total
+
+    @property
+    def shortfall(self) -> int:
+        """Connections missing from the budget (0 when the plan fits)."""
+        return max(0, self.total - self.budget.total)
 
 
 async def read_server_limits(settings: Settings) -> tuple[int, int, int]:
@@ -62,6 +69,12 @@ def plan(
     cores: float | None = None,
     server: tuple[int, int, int] | None = None,
 ) -> Plan:
+    """The connection arithmetic of ``web`` and ``workers`` replicas against the budget.
+
+    ``cores`` (per replica, may be fractional like a pod's CPU limit) defaults to what
+    this machine allows; ``server`` is (max_connections, superuser_reserved, reserved)
+    when the budget comes from the server rather than ``TIERLINE_DB_MAX_CONNECTIONS``.
+    """
     if cores is not None:
         usable = max(1, math.ceil(cores - 1e-9))
         core_info = budget.Cores(usable=usable, host=usable, source="--cores", quota=cores)
@@ -82,39 +95,77 @@ def plan(
             result.warnings.append(
                 f"{cap.variable}: requested {cap.requested}, capped to {cap.applied} ({cap.reason})"
             )
+    worker = tiers[1]
     need = budget.worker_pool_need(settings.worker_concurrency, False)
-    if workers and tiers[1].pool.max_size < need:
+    need_db = budget.worker_pool_need(settings.worker_concurrency, True)
+    if workers and worker.pool.max_size < need:
         result.warnings.append(
-            f"worker pool {tiers[1].pool.max_size} is below the {need} connections a worker needs"
+            f"worker pool {worker.pool.max_size} is below the {need} connections a worker "
+            "needs (claimer and result writer); raise TIERLINE_WORKER_DB_POOL_MAX"
+        )
+    elif workers and worker.pool.max_size < need_db:
+        result.notes.append(
+            f"if handlers use ctx.connection(), a worker needs 2 + "
+            f"TIERLINE_WORKER_CONCURRENCY = {need_db} connections; with a pool of "
+            f"{worker.pool.max_size} they queue for connections (pool timeouts retry the job)"
         )
     if not result.fits:
-        short = result.total - b.total
-        for t in sorted(tiers, key=lambda t: -t.total):
-            if t.replicas:
-                fit = max(0, (b.total - (result.total - t.total)) // t.per_replica)
-                result.warnings.append(
-                    f"does not fit: short by {short} connections; the {t.tier} tier needs "
-                    f"{t.total} ({t.replicas} x {t.per_replica}); at most {fit} {t.tier} "
-                    f"replicas fit beside the rest"
-                )
-        smallest = {
-            tp.tier: budget.MIN_USABLE_POOL[tp.tier] + budget.LISTEN_CONNECTIONS for tp in tiers
-        }
-        floor = sum(tp.replicas * smallest[tp.tier] for tp in tiers)
-        if floor <= b.total:
-            result.warnings.append(
-                "replicas past the budget start with smaller pools (each cap is logged), "
-                f"down to {smallest['web']} (web) / {smallest['worker']} (worker) connections"
-            )
-        else:
-            result.warnings.append(
-                f"even at the smallest pools ({floor} connections) some replicas would stay "
-                "not-ready until budget frees"
-            )
+        result.problems = _shortfall(result)
     return result
 
 
+def _shortfall(p: Plan) -> list[str]:
+    """Say which tier needs what, and the changes that would make the plan fit."""
+    b = p.budget.total
+    lines = []
+    for t in sorted(p.tiers, key=lambda t: -t.total):
+        if not t.replicas:
+            continue
+        other = p.total - t.total
+        others = ", ".join(_replicas(o.replicas, o.tier) for o in p.tiers if o is not t)
+        line = f"{t.tier} tier: {t.replicas} x {t.per_replica} = {t.total} connections"
+        if other > b:
+            line += (
+                f"; the rest of the plan alone ({others}: {other}) exceeds the budget, so "
+                f"fewer {t.tier} replicas cannot make it fit"
+            )
+        else:
+            fit = (b - other) // t.per_replica
+            line += f"; beside {others} as planned, at most {fit} {t.tier} replicas fit"
+            pool_max = (b - other) // t.replicas - budget.LISTEN_CONNECTIONS
+            if pool_max >= budget.MIN_USABLE_POOL[t.tier]:
+                line += (
+                    f", or keep {t.replicas} with TIERLINE_{t.tier.upper()}_DB_POOL_MAX="
+                    f"{pool_max} ({pool_max + budget.LISTEN_CONNECTIONS} per replica)"
+                )
+        lines.append(line)
+    smallest = {t: budget.MIN_USABLE_POOL[t] + budget.LISTEN_CONNECTIONS for t in ("web", "worker")}
+    floor = sum(t.replicas * smallest[t.tier] for t in p.tiers)
+    if floor <= b:
+        lines.append(
+            "deployed anyway, replicas that start after the budget is spent get smaller "
+            f"pools (each cap logged as a WARNING), down to {smallest['web']} (web) / "
+            f"{smallest['worker']} (worker) connections per replica: {floor} in all"
+        )
+    else:
+        lines.append(
+            f"deployed anyway, even the smallest pools ({smallest['web']} per web, "
+            f"{smallest['worker']} per worker replica: {floor} in all) exceed the budget: "
+            "some replicas stay not-ready (/readyz 503) until others stop"
+        )
+    lines.append(
+        f"or raise the budget by {p.shortfall} to {p.total} (TIERLINE_DB_MAX_CONNECTIONS, "
+        "or the server's max_connections; see docs/pool-sizing.md)"
+    )
+    return lines
+
+
+def _replicas(n: int, tier: str) -> str:
+    return f"{n} {tier} replica" + ("" if n == 1 else "s")
+
+
 def render(p: Plan) -> str:
+    """The plan as the table and lists ``tierline plan`` prints."""
     rows = [("tier", "replicas", "pool max (requested)", "listen", "per replica", "total")]
     for t in p.tiers:
         rows.append(
@@ -143,6 +194,11 @@ def render(p: Plan) -> str:
             else f" (short by {p.total - p.budget.total})"
         ),
     ]
+    if p.problems:
+        lines += ["", f"does not fit, short by {p.shortfall} connections:"]
+        lines += [f"  - {w}" for w in p.problems]
     if p.warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in p.warnings]
+    if p.notes:
+        lines += ["", "notes:"] + [f"  - {w}" for w in p.notes]
     return "\n".join(lines)
