@@ -25,6 +25,8 @@ log = get_logger(__name__)
 
 Conn = psycopg.AsyncConnection[DictRow]
 
+POOL_RECONNECT_S = 30.0  # how long a pool keeps retrying one failed connection (seconds)
+
 
 def backoff_delays(base: float = 0.1, cap: float = 10.0) -> Any:
     """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**n))."""
@@ -94,7 +96,11 @@ def make_pool(
         open=False,
         name=name,
         num_workers=1,
-        reconnect_timeout=0,  # keep trying forever; readiness reports the outage
+        # psycopg_pool retries a failed connection after ~1, 2, 4... s (x2, +-10% jitter)
+        # and gives up after this long; the next request that needs a connection starts
+        # over. 0 would mean "give up after one immediate retry", leaving the pool below
+        # its minimum after any refusal (e.g. "too many clients" during a rollout).
+        reconnect_timeout=POOL_RECONNECT_S,
         connection_class=psycopg.AsyncConnection[DictRow],
         kwargs={
             "autocommit": True,
