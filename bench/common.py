@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -555,6 +555,23 @@ def pyplot() -> Any:
 HELD_DELAY_S = 30 * 86400.0  # "pre-enqueued": due far in the future until released
 
 
+@contextlib.asynccontextmanager
+async def producer(url: str) -> AsyncIterator[Any]:
+    """An ``App`` that knows the benchmark's job kinds and enqueues into ``url``, as a
+    separate producer process would; its private pool is closed at the end."""
+    from bench.apps import app as bench_app
+    from tierline.app import App
+
+    app = App("bench-producer", database_url=url)
+    app.handlers.update(bench_app.handlers)
+    try:
+        yield app
+    finally:
+        queue = getattr(app, "_queue", None)  # App has no public close (yet)
+        if queue is not None:
+            await queue.pool.close()
+
+
 async def seed(
     url: str,
     kind: str,
@@ -564,27 +581,18 @@ async def seed(
     held: bool = False,
     batch: int = 1000,
     queue: str | None = None,
-) -> list[int]:
-    """Enqueue ``n`` jobs of the demo app with ``App.enqueue_many``; ``held`` ones wait
-    until ``release`` makes them due, so workers can be started and ready first."""
-    from tierline.demo import app
+) -> None:
+    """Enqueue ``n`` demo jobs with ``App.enqueue_many``; ``held`` ones wait until
+    ``release`` makes them due, so workers can be started and ready first."""
     from tierline.jobs import JobRequest
-    from tierline.queue import Queue
 
-    q = await Queue.standalone(app, url)
-    ids: list[int] = []
-    try:
-        options: dict[str, Any] = {"delay_s": HELD_DELAY_S} if held else {}
-        if queue:
-            options["queue"] = queue
+    options: dict[str, Any] = {"delay_s": HELD_DELAY_S} if held else {}
+    if queue:
+        options["queue"] = queue
+    async with producer(url) as app:
         for start in range(0, n, batch):
-            requests = [
-                JobRequest(kind=kind, args=args, **options) for _ in range(min(batch, n - start))
-            ]
-            ids += [job.id for job, _ in await q.enqueue_batch(requests)]
-    finally:
-        await q.pool.close()
-    return ids
+            count = min(batch, n - start)
+            await app.enqueue_many([JobRequest(kind=kind, args=args, **options)] * count)
 
 
 def release(url: str, queue: str = "default") -> datetime:
