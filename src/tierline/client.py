@@ -93,7 +93,9 @@ def _check(resp: httpx.Response) -> None:
 
 
 class Client:
-    """Synchronous client. ``urls``: several web replicas to rotate through on reconnect."""
+    """Synchronous client. ``url``: one web replica, or several to rotate through on
+    reconnect. ``stream_timeout``: seconds without a byte on a stream (heartbeats count)
+    before it is taken for dead and resumed; keep it above the server's heartbeat."""
 
     def __init__(
         self,
@@ -102,10 +104,14 @@ class Client:
         api_key: str | None = None,
         timeout: float = 30.0,
         retries: int = 20,
+        stream_timeout: float | None = 60.0,
     ) -> None:
         self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("at least one URL is needed")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, read=None))
+        self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout))
+        self.stream_timeout = httpx.Timeout(timeout, read=stream_timeout)
         self.retries = retries
         self._next = itertools.cycle(self.urls)
         self.url = next(self._next)
@@ -145,11 +151,16 @@ class Client:
             headers = {"Last-Event-ID": last} if last else {}
             try:
                 with self.http.stream(
-                    "GET", f"{self.url}/v1/jobs/{job_id}/events", headers=headers
+                    "GET",
+                    f"{self.url}/v1/jobs/{job_id}/events",
+                    headers=headers,
+                    timeout=self.stream_timeout,
                 ) as resp:
                     if resp.status_code >= 400:
                         resp.read()
                         _check(resp)
+                    if resp.status_code == 204:
+                        return  # the job finished and every event has been seen
                     parser = SSEParser()
                     for line in resp.iter_lines():
                         ev = parser.feed(line)
@@ -186,10 +197,14 @@ class AsyncClient:
         api_key: str | None = None,
         timeout: float = 30.0,
         retries: int = 20,
+        stream_timeout: float | None = 60.0,
     ) -> None:
         self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("at least one URL is needed")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout, read=None))
+        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout))
+        self.stream_timeout = httpx.Timeout(timeout, read=stream_timeout)
         self.retries = retries
         self._next = itertools.cycle(self.urls)
         self.url = next(self._next)
@@ -228,11 +243,16 @@ class AsyncClient:
             headers = {"Last-Event-ID": last} if last else {}
             try:
                 async with self.http.stream(
-                    "GET", f"{self.url}/v1/jobs/{job_id}/events", headers=headers
+                    "GET",
+                    f"{self.url}/v1/jobs/{job_id}/events",
+                    headers=headers,
+                    timeout=self.stream_timeout,
                 ) as resp:
                     if resp.status_code >= 400:
                         await resp.aread()
                         _check(resp)
+                    if resp.status_code == 204:
+                        return  # the job finished and every event has been seen
                     parser = SSEParser()
                     async for line in resp.aiter_lines():
                         ev = parser.feed(line)

@@ -74,7 +74,10 @@ class Listener:
                     await self.on_connect()
                 async for note in conn.notifies():
                     self.handler(note.channel, note.payload)
-            except psycopg.Error as exc:
+            except Exception as exc:
+                # psycopg.Error when the server or the network drops us; anything else
+                # (a catch-up that failed, an OSError) must not end the task either:
+                # without it the replica would silently fall back to polling.
                 self.connected.clear()
                 self.reconnects += 1
                 log.warning("LISTEN connection lost; reconnecting", error=describe_error(exc))

@@ -1,20 +1,30 @@
 """Job event streams, fanned out in-process from one LISTEN connection per web replica.
 
 A subscriber registers with the ``EventHub`` first, then replays what the database holds
-after its position, then follows live events, dropping any it has already seen. The hub
-reads new events once per notification for all subscribers together, so an idle stream
-holds no connection and a busy replica makes one query per batch of notifications.
+after its position (a page at a time, holding a pooled connection only for each query),
+then follows live events, dropping any it has already seen. The hub reads new events once
+per notification for all subscribers together, so an idle stream holds no connection and
+a busy replica makes one query per batch of notifications.
 
 Positions: a job's stream is ordered by its per-job ``seq`` (assigned under the job's
 row lock, so commit order equals seq order). The firehose is ordered by ``(xid, id)`` and
 only reads rows of transactions older than every running one, so nothing can commit
 behind a cursor. See ``firehose_after`` in ``sql/queries.sql``.
+
+Why nothing is lost or repeated: whatever the hub read before a subscriber registered was
+committed (or, for the firehose, became visible) before the subscriber's replay began, so
+the replay holds it; whatever the hub reads afterwards is pushed to the subscriber, which
+drops what its replay already sent. If the buffer fills while the subscriber is still
+replaying (a client catching up on a long history), the pushed events are discarded and
+the replay simply runs again from where it got to: the database is the buffer. Once live,
+a full buffer means the client reads too slowly: its stream ends and it may resume.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +40,10 @@ log = get_logger(__name__)
 
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
 PAGE = 500
+MAX_SEQ = 2**31 - 1  # job_events.seq is an integer
 _FIREHOSE_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_MAX_XID = 2**64 - 1  # xid8 is unsigned 64-bit
+_MAX_ID = 2**63 - 1  # job_events.id is a bigint
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +91,17 @@ class Event:
 def parse_firehose_id(value: str) -> tuple[int, int]:
     """Parse a firehose ``Last-Event-ID`` (``XID-ID``); ValueError when malformed."""
     m = _FIREHOSE_ID.match(value.strip())
-    if not m:
+    if not m or int(m[1]) > _MAX_XID or int(m[2]) > _MAX_ID:
         raise ValueError("expected XID-ID as sent in the stream's id: field")
     return int(m[1]), int(m[2])
+
+
+def parse_seq(value: str) -> int:
+    """Parse a job stream's ``Last-Event-ID`` (a seq); ValueError when malformed."""
+    text = value.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 10 or int(text) > MAX_SEQ:
+        raise ValueError(f"expected the seq number of one of the job's events (0..{MAX_SEQ})")
+    return int(text)
 
 
 class StreamClosed(Exception):
@@ -88,7 +109,13 @@ class StreamClosed(Exception):
 
 
 class Subscription:
-    """One client's stream: a bounded buffer the hub fills, and its position."""
+    """One client's stream: a bounded buffer the hub fills, and its position.
+
+    ``position`` is how far the subscriber has looked: a seq (job stream) or ``(xid, id)``
+    (firehose, including events its filters skipped). ``head`` is the job's last seq when
+    the stream was admitted: where the hub starts reading if no one follows the job yet.
+    ``on_overflow`` is called when the client is too slow, to cut its connection.
+    """
 
     def __init__(
         self,
@@ -96,16 +123,23 @@ class Subscription:
         *,
         job_id: int | None,
         after: Any,
+        head: int | None = None,
         queues: frozenset[str] = frozenset(),
         kinds: frozenset[str] = frozenset(),
     ) -> None:
         self.hub = hub
         self.job_id = job_id
-        self.position = after  # seq (job stream) or (xid, id) (firehose)
+        self.position = after
+        self.head = head
         self.queues = queues
         self.kinds = kinds
-        self.buffer: asyncio.Queue[Event | None] = asyncio.Queue(hub.buffer_size)
+        self.pending: deque[Event] = deque()
+        self._ready = asyncio.Event()
+        self.sending = False  # suspended at a yield: the client's socket is backed up
+        self.missed = False  # the buffer was dropped: read again from the database
         self.overflowed = False
+        self.ended = False
+        self.on_overflow: Callable[[], None] | None = None
 
     def wants(self, ev: Event) -> bool:
         return (not self.queues or ev.queue in self.queues) and (
@@ -116,37 +150,78 @@ class Subscription:
         return ev.seq if self.job_id is not None else (ev.xid, ev.id)
 
     def push(self, ev: Event) -> None:
-        if self.overflowed:
+        """Buffer a live event (called by the hub); never blocks, never grows unbounded.
+
+        A full buffer while the stream waits for the client's socket means the client
+        reads too slowly: the stream is cut (the client may resume). A full buffer while
+        the stream is idle or replaying is a burst: the buffer is dropped and the stream
+        reads the events from the database instead."""
+        if self.overflowed or self.ended or self._key(ev) <= self.position:
             return
-        try:
-            self.buffer.put_nowait(ev)
-        except asyncio.QueueFull:
-            self.overflowed = True
-            metrics.SSE_DROPPED.inc()
-            # Wake the reader so it notices and ends the stream.
-            self.buffer._queue.clear()  # type: ignore[attr-defined]
-            self.buffer.put_nowait(None)
+        if len(self.pending) < self.hub.buffer_size:
+            self.pending.append(ev)
+        else:
+            self.pending.clear()
+            if self.sending:
+                self.overflowed = True
+                metrics.SSE_DROPPED.inc()
+                if self.on_overflow is not None:
+                    self.on_overflow()
+            else:
+                self.missed = True
+        self._ready.set()
+
+    def close(self) -> None:
+        """End the stream after the event being sent (shutdown)."""
+        self.ended = True
+        self._ready.set()
 
     async def events(self) -> AsyncIterator[Event]:
         """Replay from the database, then follow live events; ends after a job's final
         event. Raises StreamClosed when the client reads too slowly."""
-        for ev in await self.hub.replay(self):
-            if self._key(ev) > self.position:
-                self.position = self._key(ev)
+        while not self.ended:
+            self.missed = False
+            async for ev in self._replay():
+                self.sending = True
                 yield ev
+                self.sending = False
                 if self.job_id is not None and ev.type in FINAL:
                     return
-        while True:
-            live = await self.buffer.get()
-            if live is None:
                 if self.overflowed:
                     raise StreamClosed("client too slow")
-                return  # the hub closed (shutdown)
-            if self._key(live) <= self.position:
-                continue  # already sent during the replay
-            self.position = self._key(live)
-            yield live
-            if self.job_id is not None and live.type in FINAL:
+            if self.missed:
+                continue
+            while not self.missed:
+                if self.overflowed:
+                    raise StreamClosed("client too slow")
+                if self.ended:
+                    return
+                if not self.pending:
+                    self._ready.clear()
+                    await self._ready.wait()
+                    continue
+                live = self.pending.popleft()
+                key = self._key(live)
+                if key <= self.position:
+                    continue  # already sent during the replay
+                self.position = key
+                self.sending = True
+                yield live
+                self.sending = False
+                if self.job_id is not None and live.type in FINAL:
+                    return
+
+    async def _replay(self) -> AsyncIterator[Event]:
+        while not self.ended:
+            page = await self.hub.page(self.job_id, self.position)
+            for ev in page:
+                key = self._key(ev)
+                if key <= self.position:
+                    continue
+                self.position = key
+                if self.job_id is not None or self.wants(ev):
+                    yield ev
+            if len(page) < PAGE:
                 return
 
 
@@ -179,18 +254,29 @@ class EventHub:
         return sum(len(s) for s in self.by_job.values()) + len(self.firehose)
 
     async def subscribe(self, sub: Subscription) -> None:
+        """Register ``sub`` for live events (before its replay starts)."""
+        if self.closed:
+            sub.close()
+            return
         if sub.job_id is not None:
             self.by_job.setdefault(sub.job_id, set()).add(sub)
-            cursor = self.job_cursor.get(sub.job_id)
-            if cursor is None or sub.position < cursor:
-                self.job_cursor[sub.job_id] = sub.position
+            if sub.job_id not in self.job_cursor:
+                # Everything up to the head was committed before the subscriber's replay
+                # starts, so the hub need not read it again.
+                start = sub.position if sub.head is None else max(sub.head, sub.position)
+                self.job_cursor[sub.job_id] = start
         else:
-            if self.fire_cursor is None:
-                self.fire_cursor = await self.firehose_head()
+            # Registered before the await so the stream cap counts it at once; the hub
+            # pushes nothing to the firehose until its cursor is set.
             self.firehose.add(sub)
+            if self.fire_cursor is None:
+                head = await self.firehose_head()
+                if self.fire_cursor is None and self.firehose:
+                    self.fire_cursor = head
         metrics.SSE_ACTIVE.set(self.active)
 
     def unsubscribe(self, sub: Subscription) -> None:
+        """Forget ``sub`` (idempotent)."""
         if sub.job_id is not None:
             subs = self.by_job.get(sub.job_id)
             if subs is not None:
@@ -204,32 +290,26 @@ class EventHub:
                 self.fire_cursor = None
         metrics.SSE_ACTIVE.set(self.active)
 
-    async def replay(self, sub: Subscription) -> list[Event]:
-        """What the database holds after the subscriber's position (paged)."""
-        out: list[Event] = []
-        pos = sub.position
+    async def page(self, job_id: int | None, after: Any) -> list[Event]:
+        """One page of stored events after ``after``: a job's, or the firehose's."""
         async with self._connection() as conn:
-            while True:
-                if sub.job_id is not None:
-                    rows = await (
-                        await conn.execute(
-                            QUERIES["job_events_after"],
-                            {"job_id": sub.job_id, "after": pos, "limit": PAGE},
-                        )
-                    ).fetchall()
-                else:
-                    rows = await (
-                        await conn.execute(
-                            QUERIES["firehose_after"],
-                            {"xid": str(pos[0]), "id": pos[1], "limit": PAGE},
-                        )
-                    ).fetchall()
-                page = [Event.from_row(r) for r in rows]
-                out.extend(e for e in page if sub.wants(e))
-                if len(page) < PAGE:
-                    return out
-                last = page[-1]
-                pos = last.seq if sub.job_id is not None else (last.xid, last.id)
+            if job_id is not None:
+                cur = await conn.execute(
+                    QUERIES["job_events_after"], {"job_id": job_id, "after": after, "limit": PAGE}
+                )
+            else:
+                cur = await conn.execute(
+                    QUERIES["firehose_after"], {"xid": str(after[0]), "id": after[1], "limit": PAGE}
+                )
+            rows = await cur.fetchall()
+        return [Event.from_row(r) for r in rows]
+
+    async def job_head(self, job_id: int) -> tuple[str, int] | None:
+        """A job's state and last event seq, or None when there is no such job."""
+        async with self._connection() as conn:
+            cur = await conn.execute(QUERIES["job_stream_head"], {"id": job_id})
+            row = await cur.fetchone()
+        return None if row is None else (str(row["state"]), int(row["event_seq"]))
 
     # -- notifications ----------------------------------------------------------------------
     def notify(self, channel: str, payload: str) -> None:
@@ -296,9 +376,12 @@ class EventHub:
                 ).fetchall()
                 for row in rows:
                     ev = Event.from_row(row)
+                    subs = self.by_job.get(ev.job_id)
+                    if not subs:
+                        continue  # everyone left while the query ran: keep no cursor
                     if ev.seq > self.job_cursor.get(ev.job_id, 0):
                         self.job_cursor[ev.job_id] = ev.seq
-                    for sub in list(self.by_job.get(ev.job_id, ())):
+                    for sub in list(subs):
                         sub.push(ev)
                 if len(rows) >= PAGE * 4:
                     self._dirty_all = more = True
@@ -311,6 +394,8 @@ class EventHub:
                 ).fetchall()
                 for row in rows:
                     ev = Event.from_row(row)
+                    if self.fire_cursor is None:
+                        break  # the last firehose subscriber left while the query ran
                     self.fire_cursor = (ev.xid, ev.id)
                     for sub in list(self.firehose):
                         if sub.wants(ev):
@@ -331,11 +416,7 @@ class EventHub:
         return pool.connection()
 
     def close(self) -> None:
-        """End every stream cleanly (shutdown)."""
+        """End every stream cleanly (shutdown); later subscribers end at once."""
         self.closed = True
         for sub in [*self.firehose, *(s for subs in self.by_job.values() for s in subs)]:
-            try:
-                sub.buffer.put_nowait(None)
-            except asyncio.QueueFull:
-                sub.buffer._queue.clear()  # type: ignore[attr-defined]
-                sub.buffer.put_nowait(None)
+            sub.close()
