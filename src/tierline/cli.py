@@ -399,7 +399,8 @@ def enqueue(kind: str, args_json: str, queue: str | None, url: str | None, key: 
     default=None,
     envvar="TIERLINE_URL",
     show_envvar=True,
-    help="Web tier URL (default: http://TIERLINE_WEB_HOST:TIERLINE_WEB_PORT).",
+    help="Web tier URL, or several comma-separated to fail over between "
+    "(default: http://TIERLINE_WEB_HOST:TIERLINE_WEB_PORT).",
 )
 @click.option("--key", default=None, envvar="TIERLINE_API_KEY", show_envvar=True, help="API key.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
@@ -409,7 +410,8 @@ def watch(job_id: int, url: str | None, key: str | None, as_json: bool) -> None:
 
     last = None
     try:
-        with Client(_url(url), api_key=key) as client:
+        urls = [u.strip().rstrip("/") for u in _url(url).split(",") if u.strip()]
+        with Client(urls, api_key=key) as client:
             for ev in client.follow(job_id):
                 last = ev
                 if as_json:
