@@ -242,14 +242,29 @@ def scale(changes: tuple[str, ...], data_dir: str | None) -> None:
 @click.option(
     "--check", is_flag=True, help="Only check the schema version; exit 1 if it needs migrating."
 )
-def migrate(check: bool) -> None:
+@click.option(
+    "--create-roles",
+    is_flag=True,
+    envvar="TIERLINE_CREATE_ROLES",
+    show_envvar=True,
+    help="Then create (if missing) and grant the least-privilege web and worker roles; "
+    "passwords from TIERLINE_WEB_ROLE_PASSWORD / TIERLINE_WORKER_ROLE_PASSWORD, else "
+    "generated for new roles and printed once. Idempotent: run it after every migration.",
+)
+@env_option("--web-role", field="web_role", help="Role of the web tier.")
+@env_option("--worker-role", field="worker_role", help="Role of the worker tier.")
+def migrate(check: bool, create_roles: bool, web_role: str | None, worker_role: str | None) -> None:
     """Apply the schema migrations (safe to run from many replicas at once)."""
-    settings = with_database(load_settings())
+    if check and create_roles:
+        fail("--check and --create-roles do not go together")
+    settings = with_database(load_settings(web_role=web_role, worker_role=worker_role))
     setup_logging(settings, tier="migrate")
-    sys.exit(run_async(lambda: _migrate(settings, check=check)))
+    sys.exit(run_async(lambda: _migrate(settings, check=check, create_roles=create_roles)))
 
 
-async def _migrate(settings: Settings, *, check: bool = False, quiet: bool = False) -> int:
+async def _migrate(
+    settings: Settings, *, check: bool = False, quiet: bool = False, create_roles: bool = False
+) -> int:
     from tierline import migrations
     from tierline.database import connect
 
@@ -262,15 +277,36 @@ async def _migrate(settings: Settings, *, check: bool = False, quiet: bool = Fal
             click.echo(f"schema is current (version {version})")
             return 0
         applied = await migrations.migrate(conn)
+        if not quiet or applied:
+            if applied:
+                for m in applied:
+                    click.echo(f"applied migration {m.version:04d}_{m.name}", err=quiet)
+            else:
+                click.echo(f"schema is current (version {migrations.LATEST})")
+        if create_roles:
+            from tierline import roles
+
+            for outcome in await roles.create_roles(conn, settings):
+                _echo_role(outcome)
     finally:
         await conn.close()
-    if not quiet or applied:
-        if applied:
-            for m in applied:
-                click.echo(f"applied migration {m.version:04d}_{m.name}", err=quiet)
-        else:
-            click.echo(f"schema is current (version {migrations.LATEST})")
     return 0
+
+
+def _echo_role(outcome: Any) -> None:
+    from tierline import roles
+
+    var = env_name(f"{outcome.tier}_role_password")
+    how = {
+        "generated": "password generated, shown once (store it now, e.g. in the "
+        f"{outcome.tier} tier's secret): {outcome.generated_password}",
+        "set": f"password set from {var}",
+        "kept": f"password unchanged (set {var} to change it)",
+    }[outcome.password]
+    click.echo(f"role {outcome.role}: {'created' if outcome.created else 'exists'}; {how}")
+    click.echo(f"role {outcome.role}: granted {roles.ALLOWS[outcome.tier]}")
+    for warning in outcome.warnings:
+        click.echo(f"tierline: warning: {warning}", err=True)
 
 
 # -- planning and configuration -----------------------------------------------------------------
