@@ -219,6 +219,30 @@ class Settings(BaseSettings):
     worker_replicas_min: int = Field(1, ge=0, description="Fewest worker replicas recommended.")
     worker_replicas_max: int = Field(50, ge=1, description="Most worker replicas recommended.")
 
+    # -- least-privilege roles (`tierline migrate --create-roles`) --------------------------
+    web_role: str = Field(
+        "tierline_web",
+        pattern=r"^[a-z_][a-z0-9_]{0,39}$",
+        description="Database role of the web tier, created and granted by "
+        "`tierline migrate --create-roles`.",
+    )
+    worker_role: str = Field(
+        "tierline_worker",
+        pattern=r"^[a-z_][a-z0-9_]{0,39}$",
+        description="Database role of the worker tier, created and granted by "
+        "`tierline migrate --create-roles`.",
+    )
+    web_role_password: SecretStr | None = Field(
+        None,
+        description="Password set on the web role by `tierline migrate --create-roles` "
+        "(sent SCRAM-hashed). Unset: a new role gets a generated one, printed once; an "
+        "existing role keeps its password.",
+    )
+    worker_role_password: SecretStr | None = Field(
+        None,
+        description="Password set on the worker role, as for `TIERLINE_WEB_ROLE_PASSWORD`.",
+    )
+
     @field_validator("worker_queues")
     @classmethod
     def _queues(cls, value: str) -> str:

@@ -37,7 +37,12 @@ RECOMMEND = (
 )
 
 
+ROLES = ("web_role", "worker_role")
+
+
 def tier_of(name: str) -> str:
+    if name.startswith(ROLES):
+        return "roles"
     if name.startswith(RECOMMEND):
         return "recommendations"
     if name.startswith(WEB_ONLY):
@@ -105,12 +110,13 @@ def markdown() -> str:
         "`tierline config --tier web|worker` prints the effective values and their source.",
         "",
     ]
-    for section in ("both", "web", "worker", "recommendations"):
+    for section in ("both", "web", "worker", "recommendations", "roles"):
         title = {
             "both": "Both tiers",
             "web": "Web tier",
             "worker": "Worker tier",
             "recommendations": "Replica recommendations",
+            "roles": "Database roles (`tierline migrate --create-roles`)",
         }[section]
         lines += [f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]
         for name, field in Settings.model_fields.items():
