@@ -122,3 +122,15 @@ async def poison() -> None:
 @app.job(priority=5)
 async def important() -> str:
     return "first"
+
+
+@app.job(max_attempts=1)
+async def chatty(ctx: JobContext, events: int = 100, size: int = 100, pause: float = 0.01) -> int:
+    """Streams tests: ``events`` progress events of ``size`` characters each, pausing
+    ``pause`` seconds after every tenth (so they reach the database in several batches)."""
+    filler = "x" * size
+    for i in range(1, events + 1):
+        ctx.progress(i / events, f"{i}:{filler}")
+        if i % 10 == 0:
+            await asyncio.sleep(pause)
+    return events
