@@ -110,7 +110,11 @@ class App:
         """Validate a request and fill in the handler's defaults: the row to insert."""
         handler = self.handler(request.kind)
         args = handler.validate(request.args)
-        if args and json_size(args) > max_args_bytes:
+        try:
+            too_big = bool(args) and json_size(args) > max_args_bytes
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800") is not valid Unicode
+            raise InvalidJob("args hold a string that is not valid Unicode") from None
+        if too_big:
             raise InvalidJob(f"args are larger than {max_args_bytes} bytes")
         return {
             "queue": request.queue or handler.queue,
@@ -205,5 +209,3 @@ def _summary(exc: ValidationError) -> str:
         where = ".".join(str(x) for x in err.get("loc", ())) or "args"
         parts.append(f"{where}: {err.get('msg')}")
     return "; ".join(parts)
-
-

@@ -60,6 +60,16 @@ class JobRequest(BaseModel):
     def _aware(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("run_at needs a time zone, e.g. 2030-01-01T00:00:00Z")
+        if value is not None:
+            # 9999-12-31T23:59-14:00 is year 10000 in UTC: PostgreSQL stores it, but it could
+            # never be read back into a datetime (every listing that meets it would fail).
+            # A day of margin each side also covers any session time zone.
+            try:
+                value = value.astimezone(UTC)
+            except OverflowError:
+                value = None
+            if value is None or not 2 <= value.year <= 9998:
+                raise ValueError("run_at is out of range (years 2..9998 in UTC)")
         return value
 
     @field_validator("idempotency_key")

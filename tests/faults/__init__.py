@@ -1,0 +1,1 @@
+"""Fault-injection tests: real processes, real PostgreSQL, things going wrong on purpose."""

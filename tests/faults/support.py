@@ -1,0 +1,310 @@
+"""What the reliability and security tests share: databases that outlive one test, a
+PostgreSQL server the test owns (to stop and restart it), an HTTP load generator that
+counts every outcome, and a report of the figures each run measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from tests.helpers import ARTIFACTS, admin_connect, free_port, with_dbname
+from tests.jobs_app import RUNS_TABLE
+from tierline import migrations
+
+TEST_APP = "tests.jobs_app:app"
+REPORT = ARTIFACTS / "reliability.jsonl"
+
+
+def report(test: str, **figures: Any) -> None:
+    """Append one test's figures to ``test-artifacts/reliability.jsonl`` (for the docs)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    line = {"test": test, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **figures}
+    with REPORT.open("a") as f:
+        f.write(json.dumps(line, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def scratch_database(server_url: str, template: str | None) -> Iterator[str]:
+    """A database for a whole module (copied from the migrated template when given)."""
+    name = f"tl_mod_{uuid.uuid4().hex[:10]}"
+    with admin_connect(server_url) as conn:
+        if template:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        else:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_dbname(server_url, name)
+    finally:
+        with admin_connect(server_url) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def migrate(url: str) -> None:
+    """Apply Tierline's schema and the tests' ``public.runs`` table."""
+
+    async def run() -> None:
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        try:
+            await migrations.migrate(conn)  # type: ignore[arg-type]
+            await conn.execute(RUNS_TABLE)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+# -- a PostgreSQL server owned by one test --------------------------------------------------
+def _pg_bin() -> Path | None:
+    """The newest Debian PostgreSQL's binaries, else the ones the pgserver wheel ships."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
+    if candidates:
+        return candidates[0].parent
+    try:
+        import pgserver  # type: ignore[import-untyped]
+
+        bundled = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        return bundled if (bundled / "pg_ctl").exists() else None
+    except ImportError:
+        return None
+
+
+class OwnPostgres:
+    """A private PostgreSQL on a free port in a temporary folder: stop it, start it,
+    crash it, without touching anyone else's server.
+
+    As root the server runs as the ``postgres`` system user (PostgreSQL refuses root).
+    ``password``: host connections need it (scram-sha-256), to test wrong passwords.
+    """
+
+    def __init__(self, password: str | None = None) -> None:
+        bindir = _pg_bin()
+        if bindir is None:
+            raise RuntimeError("no PostgreSQL binaries (initdb, pg_ctl) found")
+        self.bin = bindir
+        self.user: str | None = None
+        if os.geteuid() == 0:
+            for name in ("postgres", "pgserver"):
+                with contextlib.suppress(KeyError):
+                    pwd.getpwnam(name)
+                    self.user = name
+                    break
+            if self.user is None:
+                raise RuntimeError("running as root and no postgres system user exists")
+        self.dir = Path(tempfile.mkdtemp(prefix="tierline-own-pg-"))
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self.password = password
+        if self.user:
+            shutil.chown(self.dir, self.user)
+        args = ["-D", str(self.data), "-U", "postgres", "-N", "-A", "trust"]
+        if password:
+            pwfile = self.dir / "pw"
+            pwfile.write_text(password)
+            if self.user:
+                shutil.chown(pwfile, self.user)
+            args = [*args[:-2], "--auth-local=trust", "--auth-host=scram-sha-256"]
+            args += ["--pwfile", str(pwfile)]
+        self._run("initdb", *args)
+        self.start()
+
+    def _run(self, tool: str, *args: str, timeout: float = 60) -> None:
+        subprocess.run(
+            [str(self.bin / tool), *args],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+            user=self.user,
+        )
+
+    @property
+    def url(self) -> str:
+        auth = f"postgres:{self.password}@" if self.password else "postgres@"
+        return f"postgresql://{auth}127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+            "-c max_connections=100 -c fsync=off -c full_page_writes=off"
+        )
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w",
+            "start",
+        )  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: clean shutdown; ``immediate``: a crash (recovery at the next start)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def log(self) -> str:
+        path = self.dir / "log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- load ------------------------------------------------------------------------------------
+RETRYABLE_EXC = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
+
+
+@dataclass
+class Tally:
+    """Every outcome of a load generator, by kind; thread-safe."""
+
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    accepted: dict[str, int] = field(default_factory=dict)  # idempotency key -> job id
+    slowest_s: float = 0.0
+    slow: list[tuple[float, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def status(self, code: int, took: float, what: str) -> None:
+        with self.lock:
+            self.statuses[code] += 1
+            self._took(took, what)
+
+    def error(self, exc: BaseException, took: float, what: str) -> None:
+        with self.lock:
+            self.errors[type(exc).__name__] += 1
+            self._took(took, what)
+
+    def _took(self, took: float, what: str) -> None:
+        self.slowest_s = max(self.slowest_s, took)
+        if took > 3:
+            self.slow.append((round(took, 2), what))
+
+    def summary(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "statuses": dict(sorted(self.statuses.items())),
+                "errors": dict(self.errors),
+                "accepted": len(self.accepted),
+                "slowest_s": round(self.slowest_s, 2),
+            }
+
+
+class Load:
+    """Threads that enqueue ``kind`` jobs (each with an idempotency key, retried until
+    accepted, as a careful client does) and read them back, until stopped.
+
+    Every response and transport error is counted; keys whose enqueue was answered 202
+    or 200 are in ``tally.accepted``.
+    """
+
+    def __init__(
+        self,
+        base_url: str | Callable[[], str],
+        *,
+        kind: str = "record",
+        threads: int = 4,
+        pause_s: float = 0.02,
+        timeout_s: float = 15.0,
+        retry: bool = True,
+        fresh_connections: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.base_url = base_url if callable(base_url) else (lambda: str(base_url))
+        self.kind = kind
+        self.threads = threads
+        self.pause_s = pause_s
+        self.timeout_s = timeout_s
+        self.retry = retry
+        self.fresh = fresh_connections
+        self.headers = headers or {}
+        self.tally = Tally()
+        self.stop_event = threading.Event()
+        self.pending: set[str] = set()  # keys sent but not yet acknowledged
+        self._counter = itertools.count()
+        self._workers: list[threading.Thread] = []
+        self.run_id = uuid.uuid4().hex[:6]
+
+    def __enter__(self) -> Load:
+        for i in range(self.threads):
+            t = threading.Thread(target=self._loop, args=(i,), daemon=True, name=f"load-{i}")
+            t.start()
+            self._workers.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 60) -> None:
+        self.stop_event.set()
+        for t in self._workers:
+            t.join(timeout)
+
+    def _client(self) -> httpx.Client:
+        limits = httpx.Limits(max_keepalive_connections=0 if self.fresh else 2)
+        return httpx.Client(timeout=self.timeout_s, limits=limits, headers=self.headers)
+
+    def _call(self, client: httpx.Client, method: str, path: str, **kw: Any) -> Any:
+        start = time.monotonic()
+        what = f"{method} {path}"
+        try:
+            r = client.request(method, self.base_url() + path, **kw)
+        except httpx.HTTPError as exc:
+            self.tally.error(exc, time.monotonic() - start, what)
+            return exc
+        self.tally.status(r.status_code, time.monotonic() - start, what)
+        return r
+
+    def _loop(self, index: int) -> None:
+        with self._client() as client:
+            while not self.stop_event.is_set():
+                key = f"{self.run_id}-{index}-{next(self._counter)}"
+                body = {"kind": self.kind, "args": {"token": key}, "idempotency_key": key}
+                self.pending.add(key)
+                while True:
+                    r = self._call(client, "POST", "/v1/jobs", json=body)
+                    if isinstance(r, httpx.Response) and r.status_code in (200, 202):
+                        with self.tally.lock:
+                            self.tally.accepted[key] = int(r.json()["id"])
+                        self.pending.discard(key)
+                        break
+                    if not self.retry or self.stop_event.wait(0.2):
+                        break  # unacknowledged: the caller checks it with its key
+                if self.tally.accepted and not self.stop_event.is_set():
+                    job_id = self.tally.accepted.get(key)
+                    if job_id is not None:
+                        self._call(client, "GET", f"/v1/jobs/{job_id}")
+                self.stop_event.wait(self.pause_s)
+
+
+def keys_in_db(db_url: str, keys: set[str]) -> dict[str, dict[str, Any]]:
+    """The jobs of these idempotency keys: key -> {id, state, attempt}."""
+    if not keys:
+        return {}
+    with admin_connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT idempotency_key AS key, id, state, attempt FROM tierline.jobs "
+            "WHERE idempotency_key = ANY(%s)",
+            (list(keys),),
+        ).fetchall()
+    return {r["key"]: r for r in rows}
+
+
+def states(db_url: str) -> dict[str, int]:
+    with admin_connect(db_url) as conn:
+        rows = conn.execute("SELECT state, count(*) AS n FROM tierline.jobs GROUP BY state")
+        return {r["state"]: int(r["n"]) for r in rows.fetchall()}
