@@ -134,3 +134,10 @@ async def chatty(ctx: JobContext, events: int = 100, size: int = 100, pause: flo
         if i % 10 == 0:
             await asyncio.sleep(pause)
     return events
+
+
+# -- reliability and security tests (tests/faults, test_bad_input) -------------------------
+@app.job(max_attempts=2)
+async def echo(payload: Any = None) -> Any:
+    """Returns its argument unchanged: any JSON goes in, so hostile JSON can be tried."""
+    return payload
