@@ -19,6 +19,7 @@ import pytest
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from tests import helpers
 from tests.helpers import admin_connect, with_dbname
 from tests.jobs_app import RUNS_TABLE
 from tierline import migrations
@@ -60,6 +61,51 @@ def template_db(server_url: str) -> Iterator[str]:
     yield name
     with admin_connect(server_url) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session", autouse=True)
+def roles_mode(request: pytest.FixtureRequest) -> Iterator[None]:
+    """TIERLINE_TEST_ROLES=1: ``Cluster`` starts web and worker processes as the
+    least-privilege roles of ``tierline migrate --create-roles``, granted here in the
+    template database so that every test database carries the grants."""
+    if os.environ.get("TIERLINE_TEST_ROLES", "") in ("", "0"):
+        yield
+        return
+    url = with_dbname(request.getfixturevalue("server_url"), request.getfixturevalue("template_db"))
+    roles = {"web": f"tl_{_RUN}_web", "worker": f"tl_{_RUN}_worker"}
+    asyncio.run(_grant_test_roles(url, roles))
+    helpers.ROLES.update(roles)
+    try:
+        yield
+    finally:
+        helpers.ROLES.clear()
+        with admin_connect(url) as conn:  # the template still exists: release its grants
+            conn.execute(f"DROP OWNED BY {roles['web']}, {roles['worker']}")
+            for role in roles.values():
+                try:
+                    conn.execute(f"DROP ROLE IF EXISTS {role}")
+                except psycopg.Error:
+                    pass  # a leftover database still uses it; names are unique per run
+
+
+async def _grant_test_roles(url: str, roles: dict[str, str]) -> None:
+    from tierline.roles import create_roles
+
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row)
+    try:
+        settings = Settings.from_env(
+            {},
+            web_role=roles["web"],
+            worker_role=roles["worker"],
+            web_role_password=helpers.ROLE_PASSWORD,
+            worker_role_password=helpers.ROLE_PASSWORD,
+        )
+        # Retention floor 0: tests that prune with short retentions behave as before.
+        await create_roles(conn, settings, retention_s=0)
+        # The test application's own table: an application grants its tables itself.
+        await conn.execute(f"GRANT SELECT, INSERT ON public.runs TO {roles['worker']}")
+    finally:
+        await conn.close()
 
 
 @pytest.fixture

@@ -112,6 +112,26 @@ class Proc:
             self.log_file.close()
 
 
+# Set by conftest when TIERLINE_TEST_ROLES=1: tier -> least-privilege role (created by
+# `tierline.roles` in the template database). ``Cluster`` then starts each tier's
+# processes as its role, proving the suite runs without superuser rights.
+ROLES: dict[str, str] = {}
+ROLE_PASSWORD = "tierline-test-role"
+
+
+def as_role(db_url: str, role: str, password: str = ROLE_PASSWORD) -> str:
+    """``db_url`` with another user and password."""
+    parts = urlsplit(db_url)
+    host = parts.hostname or "127.0.0.1"
+    netloc = f"{role}:{password}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def tier_url(db_url: str, tier: str) -> str:
+    """The URL a tier's processes use: its role's in roles mode, else ``db_url``."""
+    return as_role(db_url, ROLES[tier]) if tier in ROLES else db_url
+
+
 def base_env(db_url: str, **extra: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIERLINE_")}
     env.update(
@@ -140,14 +160,18 @@ class Cluster:
 
     def web(self, **env: Any) -> tuple[Proc, str]:
         port = free_port()
-        e = base_env(self.db_url, TIERLINE_WEB_PORT=port, **{**self.env, **env})
+        e = base_env(tier_url(self.db_url, "web"), TIERLINE_WEB_PORT=port, **{**self.env, **env})
         proc = Proc(["web"], e, self.tmp / f"web-{port}.log")
         self.procs.append(proc)
         return proc, f"http://127.0.0.1:{port}"
 
     def worker(self, **env: Any) -> tuple[Proc, str]:
         port = free_port()
-        e = base_env(self.db_url, TIERLINE_WORKER_METRICS_PORT=port, **{**self.env, **env})
+        e = base_env(
+            tier_url(self.db_url, "worker"),
+            TIERLINE_WORKER_METRICS_PORT=port,
+            **{**self.env, **env},
+        )
         proc = Proc(["worker"], e, self.tmp / f"worker-{port}-{len(self.procs)}.log")
         self.procs.append(proc)
         return proc, f"http://127.0.0.1:{port}"
