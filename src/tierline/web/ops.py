@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from importlib import resources
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from tierline import health
+from tierline.recommend import Recommender
+from tierline.stats import Stats
 from tierline.web.errors import COMMON
 from tierline.web.runtime import Runtime, runtime
 
@@ -41,9 +44,30 @@ async def metrics_route(request: Request, rt: Runtime = Depends(runtime)) -> Res
         try:
             await rt.stats.queues()
             await rt.stats.cluster()
+            await _recommender(rt).current()  # sets tierline_recommended_replicas
         except Exception:  # database metrics are best effort; the rest still answers
             pass
     return health.metrics_response()
+
+
+# One recommender (and its 10 s cache) per replica's statistics.
+_recommenders: WeakKeyDictionary[Stats, Recommender] = WeakKeyDictionary()
+
+
+def _recommender(rt: Runtime) -> Recommender:
+    stats = rt.require_stats()
+    found = _recommenders.get(stats)
+    if found is None:
+        found = _recommenders[stats] = Recommender(rt.settings, stats.pool, stats)
+    return found
+
+
+@router.get("/v1/recommendations", responses=COMMON)
+async def recommendations(rt: Runtime = Depends(_reader)) -> dict[str, Any]:
+    """Recommended replicas per tier (computed at most every 10 s), with the inputs, the
+    formula and the limit that bound each: `little's law`, `backlog`, `request rate`,
+    `no data`, `min`, `max` or `connection budget`."""
+    return (await _recommender(rt).current()).as_dict()
 
 
 @router.get("/v1/queues", responses=COMMON)
@@ -68,9 +92,10 @@ async def cluster(rt: Runtime = Depends(_reader)) -> dict[str, Any]:
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-async def dashboard(request: Request, rt: Runtime = Depends(runtime)) -> Response:
-    if rt.settings.protect_metrics:
-        rt.keys.check(request, "read")
+async def dashboard() -> Response:
+    """The live dashboard. The page is static and holds no data, so it needs no key (a
+    browser cannot send one when it navigates); its data comes from the /v1 routes, which
+    do, and the page asks for a key when they answer 401."""
     page = resources.files("tierline.web").joinpath("static/index.html").read_text("utf-8")
     return HTMLResponse(page, headers=DASHBOARD_HEADERS)
 
