@@ -350,6 +350,21 @@ def plan(web_n: int, workers_n: int, db_max_connections: str | None, cores: floa
     sys.exit(0 if result.fits else 1)
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
+def recommend(as_json: bool) -> None:
+    """Recommend replicas per tier from live statistics, with the reasoning: inputs,
+    formula, result and the limit that bound it (reads the database directly)."""
+    from tierline import recommend as rec
+
+    settings = with_database(load_settings(), quiet=True)
+    result = run_async_value(lambda: rec.live(settings))
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2, default=str))
+    else:
+        click.echo(rec.render(result, settings))
+
+
 def run_async_value(main: Callable[[], Any]) -> Any:
     try:
         return asyncio.run(main())
