@@ -468,7 +468,8 @@ def watch(job_id: int, url: str | None, key: str | None, as_json: bool) -> None:
                 if as_json:
                     click.echo(json.dumps(ev.payload()))
                 else:
-                    click.echo(f"{ev.at}  #{ev.seq:<4} {ev.type:<10} {_describe(ev.data)}")
+                    inner = ev.data.get("data") if isinstance(ev.data, dict) else ev.data
+                    click.echo(f"{ev.at}  #{ev.seq:<4} {ev.type:<10} {_describe(inner)}")
     except ClientError as exc:
         fail(str(exc), 1)
     except KeyboardInterrupt:
