@@ -152,17 +152,24 @@ ENV = {
 
 
 def check_worker(worker: dict[str, Any]) -> None:
-    # 10/s x 2 s / 0.5 = 40 slots; no live worker, so TIERLINE_WORKER_CONCURRENCY's 10 each.
+    # 10/s x 2 s / 0.5 = 40 slots; 10 per replica (the live worker's slots) -> 4 replicas.
     assert worker["recommended"] == 4, worker
     assert worker["bound"] == "little's law"
-    assert worker["current"] == 0
+    assert worker["current"] == 1
 
 
 @pytest.mark.e2e
 def test_recommendations_route_gauge_and_command(cluster: Cluster, db_url: str) -> None:
     synthetic_jobs(db_url)
     web, url = cluster.web(**ENV)
+    worker, wurl = cluster.worker(**ENV)
     cluster.wait_ready(url, web)
+    cluster.wait_ready(wurl, worker)
+    wait_for(
+        lambda: httpx.get(f"{url}/v1/cluster").json()["tiers"]["worker"]["alive"] == 1,
+        10,
+        "the worker in the registry",
+    )
     r = httpx.get(f"{url}/v1/recommendations", timeout=10)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -174,11 +181,13 @@ def test_recommendations_route_gauge_and_command(cluster: Cluster, db_url: str) 
     assert body["tiers"]["web"]["current"] == 1
     assert body["tiers"]["worker"]["budget_max"] is not None
 
-    def gauge() -> bool:
-        text = httpx.get(f"{url}/metrics", timeout=10).text
+    def gauge(base: str) -> bool:
+        text = httpx.get(f"{base}/metrics", timeout=10).text
         return 'tierline_recommended_replicas{tier="worker"} 4.0' in text
 
-    wait_for(gauge, 10, "the recommendation gauge")
+    # Both tiers export it, so a worker autoscaler does not depend on the web tier.
+    wait_for(lambda: gauge(url), 10, "the recommendation gauge of the web tier")
+    wait_for(lambda: gauge(wurl), 10, "the recommendation gauge of the worker tier")
 
     env = base_env(db_url, **ENV)
     out = subprocess.run(
@@ -204,4 +213,4 @@ def test_recommendations_route_gauge_and_command(cluster: Cluster, db_url: str) 
         and "ceil((10/s x 2 s / 0.5 + 0 / 300 s x 2 s) / 10 slots) = 4" in line
     )
     assert "arrival rate" in table and "connection budget" in table
-    assert web.stop() == 0
+    assert web.stop() == 0 and worker.stop() == 0

@@ -17,6 +17,7 @@ from tierline.lifecycle import QuietServer, Shutdown
 from tierline.logs import get_logger
 from tierline.notifications import Listener
 from tierline.queue import Queue
+from tierline.recommend import Recommender
 from tierline.replica import Replica
 from tierline.settings import Settings
 from tierline.stats import Stats
@@ -54,6 +55,7 @@ async def run_worker(app: App, settings: Settings) -> int:
             try:
                 await stats.queues()
                 await stats.cluster()
+                await holder["recommender"].current()  # tierline_recommended_replicas
             except Exception:  # metrics of the database are best effort
                 pass
         worker_stats()
@@ -91,6 +93,7 @@ async def run_worker(app: App, settings: Settings) -> int:
     worker = Worker(app, settings, replica.pool, str(replica.id))
     holder["worker"] = worker
     holder["stats"] = Stats(replica.pool)
+    holder["recommender"] = Recommender(settings, replica.pool, holder["stats"])
     app.bind(Queue(app, replica.pool, max_args_bytes=settings.max_args_bytes))
 
     async def caught_up() -> None:
