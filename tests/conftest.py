@@ -20,7 +20,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from tests import helpers
-from tests.helpers import admin_connect, with_dbname
+from tests.helpers import admin_connect, pooled, with_dbname
 from tests.jobs_app import RUNS_TABLE
 from tierline import migrations
 from tierline.settings import Settings
@@ -39,6 +39,24 @@ def server_url() -> Iterator[str]:
 
     folder = tempfile.mkdtemp(prefix="tierline-test-pg-")
     yield embedded.start(folder)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pgbouncer_mode(request: pytest.FixtureRequest) -> Iterator[None]:
+    """TIERLINE_TEST_PGBOUNCER=1: every test's pools go through a real PgBouncer in
+    transaction mode (``helpers.pooled``); LISTEN and migrations stay direct."""
+    if os.environ.get("TIERLINE_TEST_PGBOUNCER", "") in ("", "0"):
+        yield
+        return
+    from tests.servers import PgBouncer
+
+    bouncer = PgBouncer(request.getfixturevalue("server_url")).start()
+    helpers.POOLER = bouncer
+    try:
+        yield
+    finally:
+        helpers.POOLER = None
+        bouncer.stop()
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +150,8 @@ def empty_db_url(server_url: str) -> Iterator[str]:
 
 def make_settings(db_url: str, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
-        "database_url": db_url,
+        "database_url": pooled(db_url),
+        "database_direct_url": db_url,
         "startup_jitter_s": 0,
         "worker_poll_interval_s": 0.2,
         "heartbeat_s": 1,
@@ -149,12 +168,17 @@ def settings(db_url: str) -> Settings:
 
 @pytest.fixture
 async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
+    url = pooled(db_url)
     p: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        db_url,
+        url,
         min_size=1,
         max_size=8,
         open=False,
-        kwargs={"autocommit": True, "row_factory": dict_row},
+        kwargs={
+            "autocommit": True,
+            "row_factory": dict_row,
+            **({"prepare_threshold": None} if url != db_url else {}),
+        },
     )
     await p.open(wait=True, timeout=10)
     yield p

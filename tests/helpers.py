@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -68,12 +68,15 @@ def free_port() -> int:
 class Proc:
     """A real ``tierline`` process with its own environment and log file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log: Path, *, prefix: Sequence[str] = ()
+    ) -> None:
+        """``prefix`` runs before Python (e.g. a shell that joins a cgroup, then execs)."""
         self.args = args
         self.log_path = log
         self.log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tierline", *args],
+            [*prefix, sys.executable, "-m", "tierline", *args],
             env=env,
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
@@ -112,6 +115,24 @@ class Proc:
             self.log_file.close()
 
 
+# Set by conftest when TIERLINE_TEST_PGBOUNCER=1: a PgBouncer (transaction mode) in front
+# of the test server. Pools then connect through it; LISTEN and migrations go direct.
+POOLER: Any = None
+
+
+def pooled(db_url: str) -> str:
+    """``db_url`` as the pools should reach it: through PgBouncer in PgBouncer mode."""
+    return str(POOLER.url(db_url)) if POOLER is not None else db_url
+
+
+def database_env(db_url: str) -> dict[str, str]:
+    """TIERLINE_DATABASE_URL (and the direct URL when a pooler sits in between)."""
+    env = {"TIERLINE_DATABASE_URL": pooled(db_url)}
+    if env["TIERLINE_DATABASE_URL"] != db_url:
+        env["TIERLINE_DATABASE_DIRECT_URL"] = db_url
+    return env
+
+
 # Set by conftest when TIERLINE_TEST_ROLES=1: tier -> least-privilege role (created by
 # `tierline.roles` in the template database). ``Cluster`` then starts each tier's
 # processes as its role, proving the suite runs without superuser rights.
@@ -134,9 +155,9 @@ def tier_url(db_url: str, tier: str) -> str:
 
 def base_env(db_url: str, **extra: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIERLINE_")}
+    env.update(database_env(db_url))
     env.update(
         {
-            "TIERLINE_DATABASE_URL": db_url,
             "TIERLINE_STARTUP_JITTER_S": "0",
             "TIERLINE_LOG_FORMAT": "json",
             "TIERLINE_HEARTBEAT_S": "1",

@@ -75,7 +75,7 @@ class Replica:
             except SchemaError as exc:
                 granted, self.reason = None, str(exc)
             except Exception as exc:
-                granted, self.reason = None, f"database unreachable: {describe_error(exc)}"
+                granted, self.reason = None, _unreachable(exc)
             if granted is not None:
                 break
             if self.reason != last_reason:
@@ -254,18 +254,40 @@ class Replica:
         return metrics.pool_snapshot(self.tier, self.pool.get_stats(), self.plan.requested_max)
 
     async def close(self) -> None:
-        """Leave the registry (releasing the claim at once) and close the pool."""
+        """Close the pool, then leave the registry (releasing the claim at once).
+
+        In this order because a claim released first could be granted to a starting
+        replica while this one still holds its pool: for a moment, over budget. The one
+        connection that deregisters is covered by the claim it releases.
+        """
         if self.pool is not None:
+            await self.pool.close(timeout=5)
             try:
-                async with self.pool.connection(timeout=2) as conn:
+                conn = await connect(
+                    self.settings.dsn(),
+                    self.settings,
+                    attempts=1,
+                    application_name=f"tierline-{self.tier}-leave",
+                )
+                try:
                     await conn.execute(QUERIES["stop_replica"], {"id": self.id})
+                finally:
+                    await conn.close()
             except Exception as exc:
                 log.warning(
                     "could not deregister; the claim lapses with the lease",
                     error=describe_error(exc),
                 )
-            await self.pool.close(timeout=5)
         self.ready, self.reason = False, "stopped"
+
+
+def _unreachable(exc: BaseException) -> str:
+    """The not-ready reason for a failed claim connection."""
+    text = describe_error(exc)
+    # A full server is not a down server: the operator's fix differs (budget, reserves).
+    if "too many clients" in text or "remaining connection slots" in text:
+        return f"database full, retrying with backoff: {text}"
+    return f"database unreachable: {text}"
 
 
 def _log_cap(cap: budget.Cap) -> None:
