@@ -346,6 +346,12 @@ class Worker:
                 cur = await conn.execute(QUERIES["release"], {"ids": ids, "owner": self.owner})
                 rows = await cur.fetchall()
             log.info("handed running jobs back", jobs=len(rows))
+            # A job whose cancel request arrived unseen is finished here, as cancelled:
+            # count it like the flusher counts every other final state.
+            queues = {r.job_id: r.queue for r in self.running.values()}
+            for row in rows:
+                if row["state"] == "cancelled" and row["id"] in queues:
+                    metrics.JOBS_FINISHED.labels(queues[row["id"]], "cancelled").inc()
         except Exception as exc:
             log.warning(
                 "could not hand jobs back; they return when their lease expires",
