@@ -599,7 +599,7 @@ def release(url: str, queue: str = "default") -> datetime:
     """Make every held job due now and wake the workers; returns the commit's time."""
     rows = query(
         url,
-        "WITH u AS (UPDATE tierline.jobs SET run_at = now() "
+        "WITH u AS (UPDATE tierline.jobs SET run_at = now(), state = 'available' "
         "WHERE state = 'scheduled' AND queue = %(q)s RETURNING 1) "
         "SELECT count(*) AS n, pg_notify('tierline_jobs', %(q)s) IS NULL AS x, "
         "clock_timestamp() AS at FROM u",

@@ -197,12 +197,9 @@ def up(web_n: int, workers_n: int, app: str | None, web_port: str | None) -> Non
     )
     if workers_n:
         first = settings.worker_metrics_port
+        ports = f"{first}..{first + workers_n - 1} (one per replica)" if first else "any free port"
         click.echo(
-            f"tierline: workers   metrics on {settings.worker_metrics_host}:"
-            f"{first}..{first + workers_n - 1}"
-            if first
-            else "",
-            err=True,
+            f"tierline: workers   metrics on {settings.worker_metrics_host}:{ports}", err=True
         )
     click.echo(
         f"tierline: {web_n} web and {workers_n} worker replicas; "

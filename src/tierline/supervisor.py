@@ -27,6 +27,7 @@ log = get_logger(__name__)
 
 TIERS = ("web", "worker")
 CONTROL_SOCKET = "control.sock"
+MAX_REPLICAS = 64  # per tier on one machine
 
 
 @dataclass
@@ -105,9 +106,17 @@ class Supervisor:
                 if t == tier and slot >= self.want[tier]:
                     self._terminate(child)
 
+    @staticmethod
+    def invalid(tier: str, n: int) -> str | None:
+        """Why ``tier=n`` cannot be applied, or None."""
+        if tier not in TIERS or n < 0 or n > MAX_REPLICAS:
+            return f"expected web=N or worker=N with N in 0..{MAX_REPLICAS}, got {tier}={n}"
+        return None
+
     def scale(self, tier: str, n: int) -> dict[str, Any]:
-        if tier not in TIERS or n < 0 or n > 64:
-            return {"error": f"expected web=N or worker=N with N in 0..64, got {tier}={n}"}
+        """Set a tier's wanted replica count; ``reconcile`` starts or stops processes."""
+        if problem := self.invalid(tier, n):
+            return {"error": problem}
         old = self.want[tier]
         self.want[tier] = n
         log.info("scaling", tier=tier, replicas_before=old, replicas=n)
@@ -133,12 +142,14 @@ class Supervisor:
             line = await asyncio.wait_for(reader.readline(), timeout=5)
             request = json.loads(line or b"{}")
             if "scale" in request:
-                reply: dict[str, Any] = {
-                    "results": [
-                        self.scale(str(tier), int(n)) for tier, n in request["scale"].items()
-                    ]
-                }
-                await self.reconcile()
+                changes = {str(tier): int(n) for tier, n in request["scale"].items()}
+                # All or nothing: one bad change must not leave the others half applied.
+                bad = [problem for t, n in changes.items() if (problem := self.invalid(t, n))]
+                if bad:
+                    reply: dict[str, Any] = {"results": [{"error": bad[0]}]}
+                else:
+                    reply = {"results": [self.scale(t, n) for t, n in changes.items()]}
+                    await self.reconcile()
             else:
                 reply = self.status()
         except (ValueError, TypeError, AttributeError, TimeoutError) as exc:

@@ -43,6 +43,10 @@ async def run_web(
     rt = Runtime(settings=settings, app=app, replica=replica, keys=keys, hub=hub)
     holder["rt"] = rt
     api = create_app(rt)
+    # Replicas sharing a port (SO_REUSEPORT) get connections as soon as they listen, with
+    # no readiness gate in front: such a replica listens only once ready, so scaling the
+    # web tier out never sends a request to a replica that would answer 503 "starting".
+    started = await replica.start(shutdown.stop) if reuse_port else None
     if sock is None:
         sock = listen_socket(settings.web_host, settings.web_port, reuse_port=reuse_port)
     server = QuietServer(
@@ -66,7 +70,7 @@ async def run_web(
     )
 
     side: list[asyncio.Task[Any]] = []
-    if await replica.start(shutdown.stop):
+    if started if started is not None else await replica.start(shutdown.stop):
         assert replica.pool is not None
         rt.queue = Queue(app, replica.pool, max_args_bytes=settings.max_args_bytes)
         rt.stats = Stats(replica.pool)

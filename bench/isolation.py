@@ -1,0 +1,205 @@
+"""Isolation: web latency at load R with and without the worker tier draining a backlog.
+
+One web replica takes open-loop load R (half its measured capacity unless ``--rate``)
+three times: without workers, while worker replicas drain a large backlog of no-op jobs
+at full speed, and without workers again (so drift of a shared machine shows). The
+backlog is sized to outlast the loaded phase; the result says if it ran out.
+``--worker-cpu-quota`` puts each worker replica under a CPU quota, as a pod limit would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import common, webload
+
+NAME = "isolation"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    p.add_argument("--rate", type=float, default=None, help="R in requests/s (default C/2).")
+    p.add_argument("--duration", type=float, default=10.0, help="Measured seconds per phase.")
+    p.add_argument("--capacity-duration", type=float, default=5.0, help="Seconds (closed loop).")
+    p.add_argument("--connections", type=int, default=64, help="Generator connections.")
+    p.add_argument("--backlog", type=int, default=150_000, help="No-op jobs to drain.")
+    p.add_argument("--workers", type=int, default=1, help="Worker replicas draining.")
+    p.add_argument("--concurrency", type=int, default=500, help="Slots per worker replica.")
+    p.add_argument(
+        "--worker-cpu-quota", type=float, default=None, help="CPU cores per worker (quota)."
+    )
+    p.add_argument("--reads", type=int, default=2000, help="Jobs seeded for GET.")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.duration, args.capacity_duration, args.backlog = 1.5, 1.0, 2000
+        args.reads, args.connections, args.concurrency = 50, 8, 50
+    machine = common.machine()
+    quota = common.CpuQuota(NAME)
+    phases: list[dict[str, Any]] = []
+    capacity: dict[str, Any] | None = None
+    drained: dict[str, Any] = {}
+    try:
+        with common.fresh_database(args.server_url) as url, common.log_folder(NAME) as logs:
+            ids = webload.seed_for_reads(url, args.reads)
+            asyncio.run(common.seed(url, "noop", {}, args.backlog, held=True))
+            port = common.free_port()
+            with common.processes() as procs:
+                webload.start_web(args, url, logs, procs, 1, port, "iso")
+                unit = args.rate
+                if unit is None:
+                    capacity = webload.loadgen(
+                        port, rate=None, duration=args.capacity_duration, ids=ids, connections=16
+                    )
+                    unit = max(10.0, round(capacity["achieved_rps"] / 2))
+                    common.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
+
+                def phase(label: str) -> None:
+                    r = webload.loadgen(
+                        port,
+                        rate=unit,
+                        duration=args.duration,
+                        ids=ids,
+                        connections=args.connections,
+                    )
+                    r["phase"] = label
+                    phases.append(r)
+                    lat = r["latency_ms"]
+                    common.say(
+                        f"{label}: p50 {lat['p50']} ms, p99 {lat['p99']} ms, "
+                        f"p99.9 {lat['p99_9']} ms, errors {r['errors']}"
+                    )
+
+                phase("without workers")
+                workers = []
+                for i in range(args.workers):
+                    mport = common.free_port()
+                    group = (
+                        quota.group(f"w{i}", args.worker_cpu_quota)
+                        if args.worker_cpu_quota
+                        else None
+                    )
+                    w = common.tierline(
+                        "worker",
+                        url,
+                        logs,
+                        f"worker-{i}",
+                        log_level=args.log_level,
+                        cgroup=group,
+                        TIERLINE_WORKER_CONCURRENCY=args.concurrency,
+                        TIERLINE_WORKER_METRICS_PORT=mport,
+                        TIERLINE_WORKER_SHUTDOWN_GRACE_S=2,
+                    )
+                    procs.append(w)
+                    workers.append((w, mport))
+                for w, mport in workers:
+                    common.wait_ready(f"http://127.0.0.1:{mport}", w)
+                common.release(url)
+                t0 = time.monotonic()
+                phase("while workers drain the backlog")
+                loaded_s = time.monotonic() - t0
+                left = common.unfinished(url)
+                for w, _ in workers:
+                    w.stop(timeout=30)
+                done = args.backlog - left
+                drained = {
+                    "jobs_finished_during_phase": done,
+                    "jobs_left": left,
+                    "backlog_ran_out": left == 0,
+                    "drain_rate_per_s": round(done / loaded_s, 1),
+                }
+                common.say(
+                    f"workers drained {done} jobs ({drained['drain_rate_per_s']}/s); {left} left"
+                )
+                phase("without workers (again)")
+    finally:
+        quota.cleanup()
+    without = [x for x in phases if x["phase"].startswith("without")]
+    with_ = next(x for x in phases if x["phase"].startswith("while"))
+    base_p99 = sum(x["latency_ms"]["p99"] for x in without) / len(without)
+    ratio = with_["latency_ms"]["p99"] / base_p99 if base_p99 else None
+    verdict = {
+        "p99_without_ms": round(base_p99, 3),
+        "p99_with_ms": with_["latency_ms"]["p99"],
+        "ratio": None if ratio is None else round(ratio, 3),
+        "target_ratio": 1.25,
+        "meets": ratio is not None and ratio <= 1.25 and with_["errors"] == 0,
+    }
+    data = {
+        "machine": machine,
+        "server": common.server_info(args.server_url),
+        "unit_load_rps": unit,
+        "capacity_one_replica": capacity
+        and {k: capacity[k] for k in ("achieved_rps", "latency_ms", "errors")},
+        "workers": {
+            "replicas": args.workers,
+            "concurrency": args.concurrency,
+            "cpu_quota_cores": args.worker_cpu_quota if quota.available else None,
+            "backlog": args.backlog,
+            **drained,
+        },
+        "phases": phases,
+        "target": verdict,
+    }
+    quota_text = (
+        f", each under a CPU quota of {args.worker_cpu_quota:g} cores"
+        if args.worker_cpu_quota and quota.available
+        else ""
+    )
+    md = [
+        f"One web replica at R = {unit:g} req/s (open loop, mix {webload.MIX}); worker tier: "
+        f"{args.workers} replica(s) x concurrency {args.concurrency}{quota_text}, draining "
+        f"{args.backlog:,} no-op jobs ({drained.get('drain_rate_per_s', 'n/a')} jobs/s during "
+        f"the phase, backlog {'ran out' if drained.get('backlog_ran_out') else 'lasted'}).",
+        "",
+        common.table(
+            ["phase", "achieved req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors"],
+            [
+                (
+                    x["phase"],
+                    x["achieved_rps"],
+                    x["latency_ms"]["p50"],
+                    x["latency_ms"]["p90"],
+                    x["latency_ms"]["p99"],
+                    x["latency_ms"]["p99_9"],
+                    x["errors"],
+                )
+                for x in phases
+            ],
+        ),
+        "",
+        f"Target: p99 with the backlog <= 1.25 x without (mean of both): "
+        f"{verdict['p99_with_ms']} ms vs {verdict['p99_without_ms']} ms = {verdict['ratio']}x: "
+        + ("met." if verdict["meets"] else "**not met**."),
+    ]
+
+    def chart(path: Path) -> None:
+        plt = common.pyplot()
+        fig, ax = plt.subplots(figsize=(6.5, 3.4))
+        keys = ["p50", "p90", "p99", "p99_9"]
+        width = 0.8 / len(phases)
+        for i, x in enumerate(phases):
+            ax.bar(
+                [k + i * width for k in range(len(keys))],
+                [x["latency_ms"][k] for k in keys],
+                width,
+                label=x["phase"],
+            )
+        ax.set_xticks([k + width * (len(phases) - 1) / 2 for k in range(len(keys))])
+        ax.set_xticklabels(["p50", "p90", "p99", "p99.9"])
+        ax.set_yscale("log")
+        ax.set_ylabel("latency (ms, log)")
+        ax.set_title(f"Web latency at {unit:g} req/s, with and without draining workers")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    common.write_results(NAME, args, data, "\n".join(md), chart)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""Web latency under open-loop load at 1, 2 and 4 replicas sharing one port.
+
+First the capacity C of one replica is measured (closed loop, the mix below); the unit
+load R is C / 2 unless ``--rate`` is given. Then each replica count (1, 2, 4; separate
+processes with ``tierline web --reuse-port``, the kernel spreading connections) takes
+offered loads R, 2R and 4R from the load generator (``bench/loadgen.py``, its own
+process): constant arrival rate, latency from the intended send time. The mix is 10 %
+enqueue (``POST /v1/jobs``), 70 % get (``GET /v1/jobs/{id}``), 20 % list
+(``GET /v1/jobs?limit=20``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench import common, webload
+
+NAME = "web-latency"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    p.add_argument("--replicas", default="1,2,4", help="Comma-separated replica counts.")
+    p.add_argument("--loads", default="1,2,4", help="Offered loads as multiples of R.")
+    p.add_argument("--rate", type=float, default=None, help="R in requests/s (default C/2).")
+    p.add_argument("--duration", type=float, default=10.0, help="Measured seconds per point.")
+    p.add_argument("--capacity-duration", type=float, default=5.0, help="Seconds (closed loop).")
+    p.add_argument("--connections", type=int, default=64, help="Generator connections.")
+    p.add_argument("--reads", type=int, default=2000, help="Jobs seeded for GET.")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.replicas, args.loads, args.duration, args.capacity_duration = "1,2", "1,2", 1.5, 1.0
+        args.reads, args.connections = 50, 8
+    counts = [int(x) for x in args.replicas.split(",") if x]
+    loads = [float(x) for x in args.loads.split(",") if x]
+    machine = common.machine()
+    points: list[dict[str, Any]] = []
+    capacity: dict[str, Any] | None = None
+    with common.fresh_database(args.server_url) as url, common.log_folder(NAME) as logs:
+        ids = webload.seed_for_reads(url, args.reads)
+        unit = args.rate
+        for n in counts:
+            port = common.free_port()
+            with common.processes() as procs:
+                webload.start_web(args, url, logs, procs, n, port, f"x{n}")
+                if unit is None:
+                    capacity = webload.loadgen(
+                        port, rate=None, duration=args.capacity_duration, ids=ids, connections=16
+                    )
+                    unit = max(10.0, round(capacity["achieved_rps"] / 2))
+                    common.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
+                for mult in loads:
+                    rate = unit * mult
+                    r = webload.loadgen(
+                        port,
+                        rate=rate,
+                        duration=args.duration,
+                        ids=ids,
+                        connections=args.connections,
+                    )
+                    r.update({"replicas": n, "load": f"{mult:g}R"})
+                    points.append(r)
+                    lat = r["latency_ms"]
+                    common.say(
+                        f"{n} replicas at {mult:g}R = {rate:g} req/s: p50 {lat['p50']} ms, "
+                        f"p99 {lat['p99']} ms, p99.9 {lat['p99_9']} ms, errors {r['errors']}"
+                    )
+    assert unit is not None
+    base = next((x for x in points if x["replicas"] == counts[0] and x["load"] == "1R"), None)
+    top = next(
+        (x for x in points if x["replicas"] == counts[-1] and x["load"] == f"{loads[-1]:g}R"),
+        None,
+    )
+    verdict: dict[str, Any] = {}
+    if base and top:
+        ratio = top["latency_ms"]["p99"] / base["latency_ms"]["p99"]
+        verdict = {
+            "p99_base_ms": base["latency_ms"]["p99"],
+            "p99_top_ms": top["latency_ms"]["p99"],
+            "ratio": round(ratio, 3),
+            "target_ratio": 1.25,
+            "errors_at_top": top["errors"],
+            "meets": ratio <= 1.25 and top["errors"] == 0,
+        }
+    data = {
+        "machine": machine,
+        "server": common.server_info(args.server_url),
+        "unit_load_rps": unit,
+        "capacity_one_replica": capacity
+        and {k: capacity[k] for k in ("achieved_rps", "latency_ms", "errors")},
+        "mix": webload.MIX,
+        "connections": args.connections,
+        "points": points,
+        "target": verdict,
+    }
+    md = [
+        f"Capacity of one replica (closed loop, 16 connections): "
+        f"{capacity['achieved_rps'] if capacity else 'n/a'} req/s; R = {unit:g} req/s. "
+        f"Mix {webload.MIX} (weights), {args.connections} keep-alive connections, "
+        f"{args.duration:g} s per point, latency from the intended send time.",
+        "",
+        common.table(
+            [
+                "replicas",
+                "load",
+                "offered req/s",
+                "achieved req/s",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "p99.9 ms",
+                "errors",
+            ],
+            [
+                (
+                    x["replicas"],
+                    x["load"],
+                    x["offered_rps"],
+                    x["achieved_rps"],
+                    x["latency_ms"]["p50"],
+                    x["latency_ms"]["p90"],
+                    x["latency_ms"]["p99"],
+                    x["latency_ms"]["p99_9"],
+                    x["errors"],
+                )
+                for x in points
+            ],
+        ),
+    ]
+    if verdict:
+        md += [
+            "",
+            f"Target: p99 at {counts[-1]} replicas and {loads[-1]:g}R <= 1.25 x p99 at "
+            f"{counts[0]} replica and R, no errors: {verdict['p99_top_ms']} ms vs "
+            f"{verdict['p99_base_ms']} ms = {verdict['ratio']}x, "
+            f"{verdict['errors_at_top']} errors: "
+            + ("met." if verdict["meets"] else "**not met**."),
+        ]
+
+    def chart(path: Path) -> None:
+        plt = common.pyplot()
+        fig, ax = plt.subplots(figsize=(6.5, 3.6))
+        for n in counts:
+            mine = [x for x in points if x["replicas"] == n]
+            ax.plot(
+                [x["offered_rps"] for x in mine],
+                [x["latency_ms"]["p99"] for x in mine],
+                "o-",
+                label=f"{n} replica{'s' if n > 1 else ''}",
+            )
+        ax.set_yscale("log")
+        ax.set_xlabel("offered load (req/s)")
+        ax.set_ylabel("p99 latency (ms, log)")
+        ax.set_title("Web p99 latency, open loop")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    common.write_results(NAME, args, data, "\n".join(md), chart)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""Web replicas sharing a port and the load generator, for ``web-latency`` and ``isolation``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import common
+
+MIX = "enqueue=1,get=7,list=2"
+
+
+def start_web(
+    args: Any,
+    url: str,
+    logs: Path,
+    procs: list[common.Proc],
+    n: int,
+    port: int,
+    label: str,
+    cgroup: Path | None = None,
+) -> list[common.Proc]:
+    """``n`` web replicas on one port (``--reuse-port``), all ready."""
+    mine = []
+    for i in range(n):
+        proc = common.tierline(
+            "web",
+            url,
+            logs,
+            f"web-{label}-{i}",
+            log_level=args.log_level,
+            cgroup=cgroup,
+            extra_args=["--reuse-port"],
+            TIERLINE_WEB_PORT=port,
+            TIERLINE_HEARTBEAT_S=1,
+        )
+        procs.append(proc)
+        mine.append(proc)
+    base = f"http://127.0.0.1:{port}"
+    pids = {p.pid for p in mine}
+
+    def all_ready() -> bool:
+        for p in mine:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited:\n{p.tail()}")
+        try:
+            reply = httpx.get(f"{base}/v1/cluster", timeout=2)
+        except httpx.HTTPError:
+            return False
+        if reply.status_code != 200:
+            return False
+        ready = {r["pid"] for r in reply.json()["replicas"] if r["tier"] == "web" and r["ready"]}
+        return pids <= ready
+
+    common.wait_until(all_ready, 120, f"{n} web replicas ready", interval=0.3)
+    return mine
+
+
+def loadgen(
+    port: int,
+    *,
+    rate: float | None,
+    duration: float,
+    ids: tuple[int, int],
+    connections: int = 64,
+    warmup: float = 1.0,
+    cgroup: Path | None = None,
+) -> dict[str, Any]:
+    """Run the load generator in its own process; its result with latency percentiles."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--port",
+        str(port),
+        "--duration",
+        str(duration),
+        "--warmup",
+        str(warmup),
+        "--connections",
+        str(connections),
+        "--mix",
+        MIX,
+        "--ids",
+        f"{ids[0]}-{ids[1]}",
+    ]
+    cmd += ["--closed"] if rate is None else ["--rate", str(rate)]
+    preexec = None
+    if cgroup is not None:
+        procs_file = cgroup / "cgroup.procs"
+
+        def preexec() -> None:
+            procs_file.write_text(str(os.getpid()))
+
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=common.tierline_env("postgresql://unused"),
+        timeout=duration + warmup + 120,
+        check=False,
+        preexec_fn=preexec,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{done.stderr[-3000:]}")
+    raw = json.loads(done.stdout)
+    every = [x for v in raw["latencies"].values() for x in v]
+    ok = len(every)
+    errors = sum(raw["errors"].values())
+    return {
+        "mode": raw["mode"],
+        "offered_rps": rate,
+        "achieved_rps": round(raw["completed"] / duration, 1),
+        "sent": raw["sent"],
+        "ok": ok,
+        "errors": errors,
+        "error_kinds": raw["errors"],
+        "generator_behind_s": raw["generator_behind_s"],
+        "latency_ms": common.summary_ms(every),
+        "latency_ms_by_op": {op: common.summary_ms(v) for op, v in raw["latencies"].items()},
+    }
+
+
+def seed_for_reads(url: str, n: int) -> tuple[int, int]:
+    """Jobs to GET: ``n`` finished-looking rows in queue ``web-read``; their id range."""
+    import asyncio
+
+    asyncio.run(common.seed(url, "noop", {}, n, queue="web-read"))
+    row = common.query(
+        url, "SELECT min(id) AS lo, max(id) AS hi FROM tierline.jobs WHERE queue = 'web-read'"
+    )[0]
+    return int(row["lo"]), int(row["hi"])

@@ -1,0 +1,185 @@
+"""Live scaling: ``tierline scale worker=4`` during ``tierline up`` adds worker processes
+while the web process keeps its PID and answers every request; ``web=2`` then adds a web
+replica on the shared port without failing a request."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import Proc, base_env, free_port, query, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def children(pid: int) -> dict[int, str]:
+    """Direct child processes of ``pid``: pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if ppid == pid:
+                found[int(entry.name)] = (
+                    (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+                )
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+    return found
+
+
+def tier_pids(pid: int, tier: str) -> set[int]:
+    return {p for p, cmd in children(pid).items() if f"-m tierline {tier}" in cmd}
+
+
+class Poller(threading.Thread):
+    """Calls the API back to back until stopped; counts answers and failures."""
+
+    def __init__(self, base: str) -> None:
+        super().__init__(daemon=True)
+        self.base = base
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+
+    def run(self) -> None:
+        # Every other request on a new connection: with SO_REUSEPORT the kernel picks a
+        # replica per connection, so new web replicas get some of them.
+        with httpx.Client(base_url=self.base, timeout=5) as client:
+            paths = ["/v1/jobs?limit=5", "/v1/queues", "/healthz", "/v1/cluster"]
+            i = 0
+            while not self.stop.is_set():
+                path = paths[i % len(paths)]
+                i += 1
+                try:
+                    reply = client.get(path) if i % 2 else httpx.get(self.base + path, timeout=5)
+                except httpx.HTTPError as exc:
+                    self.failures.append(f"{path}: {exc!r}")
+                    continue
+                if reply.status_code == 200:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"{path}: {reply.status_code} {reply.text[:200]}")
+
+
+def cluster(base: str) -> dict[str, Any]:
+    reply = httpx.get(f"{base}/v1/cluster", timeout=5)
+    reply.raise_for_status()
+    result: dict[str, Any] = reply.json()
+    return result
+
+
+def alive(snapshot: dict[str, Any], tier: str) -> list[dict[str, Any]]:
+    return [r for r in snapshot["replicas"] if r["tier"] == tier and r["alive"]]
+
+
+def test_scale_workers_while_up(db_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = base_env(
+        db_url,
+        TIERLINE_WEB_PORT=port,
+        TIERLINE_DATA_DIR=tmp_path / "data",
+        TIERLINE_WORKER_METRICS_PORT=0,
+        TIERLINE_WORKER_CONCURRENCY=2,
+        TIERLINE_WORKER_SHUTDOWN_GRACE_S=5,
+    )
+    up = Proc(["up", "--web", "1", "--workers", "1"], env, tmp_path / "up.log")
+    poller = Poller(base)
+    try:
+        wait_for(
+            lambda: (
+                len(alive(cluster(base), "web")) == 1 and len(alive(cluster(base), "worker")) == 1
+            ),
+            60,
+            "1 web and 1 worker replica alive",
+            interval=0.2,
+        )
+        web_pid = alive(cluster(base), "web")[0]["pid"]
+        assert tier_pids(up.pid, "web") == {web_pid}
+        assert len(tier_pids(up.pid, "worker")) == 1
+
+        # A backlog the single worker (2 slots) would need a minute for.
+        jobs = [{"kind": "sleep", "args": {"seconds": 0.5}} for _ in range(240)]
+        httpx.post(f"{base}/v1/jobs/batch", json={"jobs": jobs}, timeout=10).raise_for_status()
+
+        poller.start()
+        wait_for(lambda: poller.ok >= 5, 10, "the poller's first answers")
+        done = subprocess.run(
+            [sys.executable, "-m", "tierline", "scale", "worker=4"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "worker: 1 -> 4 replicas" in done.stdout
+
+        wait_for(lambda: len(tier_pids(up.pid, "worker")) == 4, 30, "4 worker processes")
+        wait_for(
+            lambda: len(alive(cluster(base), "worker")) == 4,
+            60,
+            "4 alive worker replicas in /v1/cluster",
+            interval=0.2,
+        )
+        # The new replicas take jobs from the backlog.
+        wait_for(
+            lambda: (
+                query(
+                    db_url,
+                    "SELECT count(DISTINCT data->>'replica') AS n FROM tierline.job_events "
+                    "WHERE type = 'started'",
+                )[0]["n"]
+                == 4
+            ),
+            60,
+            "jobs started by all 4 worker replicas",
+            interval=0.2,
+        )
+        snapshot = cluster(base)
+        assert [r["pid"] for r in alive(snapshot, "web")] == [web_pid]
+        assert tier_pids(up.pid, "web") == {web_pid}
+        assert poller.failures == []
+
+        # The web tier scales out too, without failing a request, the first replica kept.
+        done = subprocess.run(
+            [sys.executable, "-m", "tierline", "scale", "web=2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "web: 1 -> 2 replicas" in done.stdout
+        wait_for(
+            lambda: len(alive(cluster(base), "web")) == 2,
+            60,
+            "2 alive web replicas in /v1/cluster",
+            interval=0.2,
+        )
+        checked = poller.ok
+        wait_for(lambda: poller.ok >= checked + 20, 30, "more answers after the web scale-up")
+        poller.stop.set()
+        poller.join(timeout=10)
+
+        assert poller.failures == []
+        web_pids = tier_pids(up.pid, "web")
+        assert len(web_pids) == 2
+        assert web_pid in web_pids
+        assert {r["pid"] for r in alive(cluster(base), "web")} == web_pids
+        assert len(tier_pids(up.pid, "worker")) == 4
+    finally:
+        poller.stop.set()
+        code = up.stop(timeout=60)
+    assert code == 0, up.output()[-3000:]
+    assert children(up.pid) == {}
