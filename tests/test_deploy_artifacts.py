@@ -256,6 +256,25 @@ def test_pgbouncer_env_points_pools_at_pgbouncer_and_budget_at_its_client_limit(
     assert "@postgres:5432/" in direct
 
 
+def _compose_env(service: str) -> dict[str, str]:
+    """A service's environment with compose's `${VAR:-default}` resolved to defaults."""
+    env = _compose()["services"][service]["environment"]
+    return {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
+
+
+def test_compose_pools_fit_the_budget() -> None:
+    """The arithmetic in compose.yaml's header: 2 web + 12 workers fit the 92 connections
+    of a default PostgreSQL (100 - 3 superuser - 5 reserved)."""
+    settings = Settings.from_env({**_compose_env("web"), **_compose_env("worker")})
+    command = _compose()["services"]["postgres"]["command"]
+    max_connections = int(command[command.index("-c") + 1].split("=")[1])
+    web = _compose()["services"]["web"]["deploy"]["replicas"]
+    # (max_connections, superuser_reserved_connections, reserved_connections): defaults
+    plan = planning.plan(settings, web=web, workers=12, cores=2, server=(max_connections, 3, 0))
+    assert plan.budget.total == 92 and plan.fits, planning.render(plan)
+    assert not plan.warnings, planning.render(plan)
+
+
 def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     promtool = _tool("promtool")
     if promtool is None:
@@ -693,6 +712,47 @@ def test_autoscalers_agree_with_the_recommendation_settings() -> None:
     assert keda["fallback"]["replicas"] >= keda["minReplicaCount"]
     assert keda["pollingInterval"] > 0 and keda["cooldownPeriod"] > 0
     assert "scaleDown" in keda["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+
+
+def _known_variables() -> set[str]:
+    """Every TIERLINE_* variable Tierline reads: settings, and CLI-only flags."""
+    known = {f"TIERLINE_{name.upper()}" for name in Settings.model_fields}
+    commands = [cli_main, *cli_main.commands.values()]  # type: ignore[attr-defined]
+    for command in commands:
+        for param in command.params:
+            envvar = getattr(param, "envvar", None)
+            known.update([envvar] if isinstance(envvar, str) else envvar or [])
+    return known
+
+
+def test_every_variable_set_in_deploy_files_is_a_tierline_setting() -> None:
+    """A misspelt variable would be ignored silently; here it fails."""
+    known = _known_variables()
+    docs = _rendered(K8S_OVERLAY)
+    sources: dict[str, set[str]] = {
+        "compose.yaml": {
+            k
+            for s in ("migrate", "web", "worker")
+            for k in _compose()["services"][s]["environment"]
+        },
+        "pgbouncer.env": set(_env_file(DEPLOY / "pgbouncer" / "pgbouncer.env")),
+    }
+    for doc in docs:
+        if doc["kind"] in ("ConfigMap", "Secret"):
+            sources[f"{doc['kind']}/{doc['metadata']['name']}"] = set(doc["data"])
+        for container in _containers(doc):
+            sources[f"{doc['kind']}/{doc['metadata']['name']}"] = {
+                v["name"] for v in container.get("env", [])
+            }
+    for source, names in sources.items():
+        unknown = {n for n in names if n.startswith("TIERLINE_")} - known
+        assert not unknown, f"{source} sets unknown variables: {unknown}"
+    # And the values parse: each tier's ConfigMap and Secret together.
+    for tier in ("web", "worker"):
+        env = {**_config(docs, tier), **_decoded(_find(docs, "Secret", f"tierline-{tier}"))["data"]}
+        Settings.from_env(env)
+    Settings.from_env(_compose_env("web"))
+    Settings.from_env(_compose_env("worker"))
 
 
 # -- docs/deployment.md --------------------------------------------------------------------------
