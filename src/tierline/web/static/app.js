@@ -388,7 +388,10 @@
       const ctx = c.getContext("2d");
       ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
       ctx.clearRect(0, 0, w, h);
-      const t0 = now - WINDOW_MS;
+      // The window grows from one minute to five as the page stays open, so a freshly
+      // opened dashboard is not a thin line at the right edge.
+      const span = Math.min(WINDOW_MS, Math.max(60000, now - pageStart));
+      const t0 = now - span;
       let max = 0;
       let count = 0;
       let sum = 0;
@@ -409,7 +412,7 @@
       const bottom = 18;
       const pw = w - left - right;
       const ph = h - topPad - bottom;
-      const x = (t) => left + ((t - t0) / WINDOW_MS) * pw;
+      const x = (t) => left + ((t - t0) / span) * pw;
       const y = (v) => topPad + ph - (v / top) * ph;
 
       ctx.font = `11px ${css("--font") || "sans-serif"}`;
@@ -429,9 +432,13 @@
       }
       ctx.textAlign = "center";
       ctx.textBaseline = "alphabetic";
-      for (let m = 5; m >= 0; m -= 1) {
-        const xx = x(now - m * 60000);
-        ctx.fillText(m ? `-${m}m` : "now", Math.min(Math.max(xx, left + 10), w - right - 12), h - 4);
+      const step = span <= 90000 ? 15000 : span <= 180000 ? 30000 : 60000;
+      for (let ago = Math.floor(span / step) * step; ago >= 0; ago -= step) {
+        const xx = Math.min(Math.max(x(now - ago), left + 10), w - right - 12);
+        const m = Math.floor(ago / 60000);
+        const sec = Math.round((ago % 60000) / 1000);
+        const label = ago === 0 ? "now" : `-${m ? `${m}m` : ""}${sec ? `${sec}s` : ""}`;
+        ctx.fillText(label, xx, h - 4);
       }
 
       for (const s of this.series) {
