@@ -312,10 +312,14 @@ def test_plan_reports_cpu_caps_and_small_worker_pools() -> None:
     assert "worker pool 1 is below the 2 connections a worker needs" in text
 
 
-def run_plan(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in base_env("").items() if "DATABASE" not in k}
+def run_plan(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("plan", *args, **extra)
+
+
+def run_cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in base_env("", **extra).items() if "DATABASE" not in k}
     return subprocess.run(
-        [sys.executable, "-m", "tierline", "plan", *args],
+        [sys.executable, "-m", "tierline", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -332,3 +336,13 @@ def test_cli_plan_exit_codes() -> None:
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "worker tier: 10 x 5 = 50 connections" in bad.stdout
     assert "short by 35" in bad.stdout
+
+
+def test_cli_config_shows_the_cpu_cap_of_this_machine() -> None:
+    out = run_cli("config", "--tier", "web", TIERLINE_WEB_DB_POOL_MAX="500")
+    assert out.returncode == 0, out.stderr
+    cores = budget.usable_cores()
+    applied = cores.usable * 4
+    assert f"pool max on this machine: web {applied} ({cores.usable} usable core" in out.stdout
+    assert f"TIERLINE_WEB_DB_POOL_MAX: requested 500, runs as {applied}" in out.stdout
+    assert "worker" not in out.stdout.split("pool max on this machine")[1]

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from pydantic import SecretStr
 
-from tierline.settings import Settings, env_name
+from tierline.settings import Settings, Tier, env_name
 
 WEB_ONLY = (
     "web_",
@@ -95,7 +95,29 @@ def table(settings: Settings, env: Mapping[str, str], tier: str | None) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return "\n".join([*out, "", *pool_caps(settings, tier)])
+
+
+def pool_caps(settings: Settings, tier: str | None) -> list[str]:
+    """The pools as the CPU cap leaves them on this machine (the budget may cap further
+    when a replica starts; ``tierline plan`` does that arithmetic)."""
+    from tierline import budget
+
+    cores = budget.usable_cores()
+    tiers: tuple[Tier, ...] = ("web", "worker")
+    plans = [budget.cpu_capped_pool(settings, t, cores) for t in tiers if tier in (None, t)]
+    sizes = ", ".join(f"{p.tier} {p.max_size}" for p in plans)
+    lines = [
+        f"pool max on this machine: {sizes} ({cores.usable} usable "
+        f"core{'' if cores.usable == 1 else 's'}: {cores.source}; the connection budget may "
+        "lower it at start-up)"
+    ]
+    lines += [
+        f"  - {c.variable}: requested {c.requested}, runs as {c.applied} ({c.reason})"
+        for p in plans
+        for c in p.caps
+    ]
+    return lines
 
 
 def markdown() -> str:
