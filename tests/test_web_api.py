@@ -161,8 +161,18 @@ def test_readyz_503_until_schema_exists(cluster: Cluster, empty_db_url: str) -> 
     import subprocess
     import sys
 
+    from tests.helpers import ROLES
+
+    # Roles mode (TIERLINE_TEST_ROLES=1): a schema made after start-up needs its grants.
+    roles = [f"--{tier}-role={role}" for tier, role in ROLES.items()]
     subprocess.run(
-        [sys.executable, "-m", "tierline", "migrate"],
+        [
+            sys.executable,
+            "-m",
+            "tierline",
+            "migrate",
+            *(["--create-roles", *roles] if roles else []),
+        ],
         env=base_env(empty_db_url),
         check=True,
         capture_output=True,
