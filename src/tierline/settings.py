@@ -114,7 +114,8 @@ class Settings(BaseSettings):
     )
     protect_metrics: bool = Field(
         False,
-        description="Require a key with the `read` scope for `/metrics` and the dashboard too.",
+        description="Require a key with the `read` scope for `/metrics` too (the dashboard "
+        "page is static; the data it reads always needs a key when keys are set).",
     )
     cors_origins: str = Field(
         "", description="Comma-separated origins allowed by CORS (none by default)."
