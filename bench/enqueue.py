@@ -86,7 +86,9 @@ TARGETS = {"api_batched": 35_000, "api_single": 1_500}
 
 
 def run_mode(args: Any, mode: str) -> dict[str, Any]:
-    n = args.jobs if mode in ("api_batched", "http_batch") else args.single_jobs
+    n = {"api_batched": args.jobs, "http_batch": args.jobs, "api_single": args.single_jobs}.get(
+        mode, args.http_single_jobs
+    )
     with common.fresh_database(args.server_url) as url, common.log_folder(NAME) as logs:
         if mode == "api_batched":
             elapsed = asyncio.run(api_batched(url, n, args.batch))
@@ -112,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--single-jobs", type=int, default=5_000, help="Jobs per one-at-a-time run (fewer)."
     )
+    p.add_argument(
+        "--http-single-jobs", type=int, default=2_000, help="Jobs per HTTP one-at-a-time run."
+    )
     p.add_argument("--batch", type=int, default=1000, help="Jobs per batch.")
     p.add_argument("--repeat", type=int, default=3, help="Runs per mode (median).")
     p.add_argument(
@@ -120,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.jobs, args.single_jobs, args.batch, args.repeat = 300, 30, 100, 1
+        args.http_single_jobs = 30
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reads", type=int, default=2000, help="Jobs seeded for GET.")
     args = p.parse_args(argv)
     if args.smoke:
-        args.duration, args.capacity_duration, args.backlog = 1.5, 1.0, 2000
+        args.duration, args.capacity_duration, args.backlog = 1.0, 1.0, 2000
         args.reads, args.connections, args.concurrency = 50, 8, 50
     machine = common.machine()
     quota = common.CpuQuota(NAME)
@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
                 unit = args.rate
                 if unit is None:
                     capacity = webload.loadgen(
-                        port, rate=None, duration=args.capacity_duration, ids=ids, connections=16
+                        port,
+                        rate=None,
+                        duration=args.capacity_duration,
+                        ids=ids,
+                        warmup=0.3 if args.smoke else 1.0,
+                        connections=16,
                     )
                     unit = max(10.0, round(capacity["achieved_rps"] / 2))
                     common.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
@@ -62,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                         rate=unit,
                         duration=args.duration,
                         ids=ids,
+                        warmup=0.3 if args.smoke else 1.0,
                         connections=args.connections,
                     )
                     r["phase"] = label

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.smoke:
-        args.replicas, args.warmup, args.window = "1,2", 1.0, 2.0
+        args.replicas, args.warmup, args.window = "1,2", 0.5, 1.0
         args.iterations = 2000
     counts = [int(x) for x in args.replicas.split(",") if x]
     mixes = [m for m in args.mixes.split(",") if m]

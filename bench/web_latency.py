@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reads", type=int, default=2000, help="Jobs seeded for GET.")
     args = p.parse_args(argv)
     if args.smoke:
-        args.replicas, args.loads, args.duration, args.capacity_duration = "1,2", "1,2", 1.5, 1.0
+        args.replicas, args.loads, args.duration, args.capacity_duration = "1,2", "1,2", 1.0, 1.0
         args.reads, args.connections = 50, 8
     counts = [int(x) for x in args.replicas.split(",") if x]
     loads = [float(x) for x in args.loads.split(",") if x]
@@ -46,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
                 webload.start_web(args, url, logs, procs, n, port, f"x{n}")
                 if unit is None:
                     capacity = webload.loadgen(
-                        port, rate=None, duration=args.capacity_duration, ids=ids, connections=16
+                        port,
+                        rate=None,
+                        duration=args.capacity_duration,
+                        ids=ids,
+                        warmup=0.3 if args.smoke else 1.0,
+                        connections=16,
                     )
                     unit = max(10.0, round(capacity["achieved_rps"] / 2))
                     common.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                         rate=rate,
                         duration=args.duration,
                         ids=ids,
+                        warmup=0.3 if args.smoke else 1.0,
                         connections=args.connections,
                     )
                     r.update({"replicas": n, "load": f"{mult:g}R"})
