@@ -35,6 +35,12 @@ class Handler:
             return self.model.model_validate(args).model_dump(mode="json", exclude_unset=True)
         except ValidationError as exc:
             raise InvalidJob(f"invalid args for {self.kind!r}: {_summary(exc)}") from None
+        except UnicodeEncodeError:  # a lone surrogate ("\udfff"), e.g. in a key of an Any
+            raise InvalidJob(
+                f"invalid args for {self.kind!r}: a string is not valid Unicode"
+            ) from None
+        except ValueError as exc:  # e.g. "Maximum serialization depth exceeded" (> 255 levels)
+            raise InvalidJob(f"invalid args for {self.kind!r}: {exc}") from None
 
 
 class App:
@@ -109,13 +115,16 @@ class App:
     def prepare(self, request: JobRequest, *, max_args_bytes: int = 262_144) -> dict[str, Any]:
         """Validate a request and fill in the handler's defaults: the row to insert."""
         handler = self.handler(request.kind)
-        args = handler.validate(request.args)
+        # Measured as sent, before validation, which would turn 1e400 into null silently.
         try:
-            too_big = bool(args) and json_size(args) > max_args_bytes
+            too_big = bool(request.args) and json_size(request.args) > max_args_bytes
         except UnicodeEncodeError:  # a lone surrogate ("\ud800") is not valid Unicode
             raise InvalidJob("args hold a string that is not valid Unicode") from None
+        except ValueError:  # NaN, or infinity (what 1e400 parses to)
+            raise InvalidJob("args hold a number JSON cannot carry (NaN or infinity)") from None
         if too_big:
             raise InvalidJob(f"args are larger than {max_args_bytes} bytes")
+        args = handler.validate(request.args)
         return {
             "queue": request.queue or handler.queue,
             "kind": request.kind,

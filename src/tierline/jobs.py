@@ -122,4 +122,7 @@ class Job(BaseModel):
 
 
 def json_size(value: Any) -> int:
-    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    """Bytes of ``value`` as compact UTF-8 JSON; ValueError for NaN and infinities,
+    UnicodeEncodeError for lone surrogates (neither can be stored as JSON)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return len(text.encode())

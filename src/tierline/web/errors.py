@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from psycopg_pool import PoolTimeout
@@ -137,22 +138,27 @@ def install(app: FastAPI) -> None:
     async def _db(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
         return error_response(503, "database_unavailable", str(exc), headers={"Retry-After": "2"})
 
+    # Database errors get handlers of their own: what the catch-all `Exception` handler
+    # answers, Starlette re-raises afterwards (uvicorn then logs a traceback and drops the
+    # keep-alive connection), which is right for bugs only.
+    async def _unreachable(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(
+            503,
+            "database_unavailable",
+            "the database is unreachable; retry shortly",
+            headers={"Retry-After": "2"},
+        )
+
+    async def _rejected(_: Request, exc: Exception) -> JSONResponse:
+        first = str(exc).splitlines()[0] if str(exc) else "invalid"
+        return error_response(422, "invalid_request", f"rejected by the database: {first}")
+
+    for unreachable in (psycopg.OperationalError, psycopg.InterfaceError):
+        app.add_exception_handler(unreachable, _unreachable)
+    for rejected in (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded):
+        app.add_exception_handler(rejected, _rejected)
+
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        import psycopg
-
-        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-            return error_response(
-                503,
-                "database_unavailable",
-                "the database is unreachable; retry shortly",
-                headers={"Retry-After": "2"},
-            )
-        if isinstance(exc, psycopg.errors.DataError | psycopg.errors.ProgramLimitExceeded):
-            return error_response(
-                422,
-                "invalid_request",
-                f"rejected by the database: {str(exc).splitlines()[0] if str(exc) else 'invalid'}",
-            )
         log.exception("unhandled error", path=request.url.path)
         return error_response(500, "internal", "internal error")
