@@ -236,6 +236,15 @@ class Replica:
         out.update(self.stats())
         return out
 
+    def pool_saturated(self) -> bool:
+        """True when a caller would wait for a connection (or there is no pool yet).
+
+        Scrapes then skip their database reads: queued behind requests, they would be
+        late, and their give-ups would count as pool timeouts the users never saw.
+        """
+        snap = self.pool_snapshot()
+        return snap is None or (snap["idle"] == 0 and snap["size"] >= snap["max"])
+
     def pool_snapshot(self) -> dict[str, Any] | None:
         if self.pool is None:
             return {

@@ -51,7 +51,7 @@ async def run_worker(app: App, settings: Settings) -> int:
 
     async def metrics_endpoint(_: Request) -> Response:
         stats: Stats | None = holder.get("stats")
-        if stats is not None:
+        if stats is not None and not replica.pool_saturated():
             try:
                 await stats.queues()
                 await stats.cluster()

@@ -40,7 +40,7 @@ async def metrics_route(request: Request, rt: Runtime = Depends(runtime)) -> Res
     """Prometheus metrics of this replica."""
     if rt.settings.protect_metrics:
         rt.keys.check(request, "read")
-    if rt.stats is not None and rt.replica.ready:
+    if rt.stats is not None and rt.replica.ready and not rt.replica.pool_saturated():
         try:
             await rt.stats.queues()
             await rt.stats.cluster()
