@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -37,6 +37,8 @@ from tierline.logs import get_logger
 from tierline.queries import QUERIES
 
 log = get_logger(__name__)
+K = TypeVar("K")
+V = TypeVar("V")
 
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
 PAGE = 500
@@ -102,6 +104,43 @@ def parse_seq(value: str) -> int:
     if not text.isascii() or not text.isdigit() or len(text) > 10 or int(text) > MAX_SEQ:
         raise ValueError(f"expected the seq number of one of the job's events (0..{MAX_SEQ})")
     return int(text)
+
+
+class Coalescer(Generic[K, V]):
+    """Answers concurrent lookups with one query per round: while a round's query runs,
+    new keys wait for the next one, so a burst of N new streams (every client of a
+    restarted replica reconnecting at once) costs a few queries and one pooled
+    connection, not N of each."""
+
+    def __init__(self, run: Callable[[list[K]], Awaitable[dict[K, V]]], max_batch: int) -> None:
+        self._run = run
+        self._max = max_batch
+        self._waiting: list[tuple[K, asyncio.Future[V | None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def get(self, key: K) -> V | None:
+        fut: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((key, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._rounds(), name="stream-lookups")
+        return await fut
+
+    async def _rounds(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
+            batch = [(k, f) for k, f in batch if not f.done()]  # callers that gave up
+            if not batch:
+                continue
+            try:
+                found = await self._run(list(dict.fromkeys(k for k, _ in batch)))
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for key, fut in batch:
+                if not fut.done():
+                    fut.set_result(found.get(key))
 
 
 class StreamClosed(Exception):
@@ -221,7 +260,7 @@ class Subscription:
                 self.position = key
                 if self.job_id is not None or self.wants(ev):
                     yield ev
-            if len(page) < PAGE:
+            if len(page) < self.hub.page_size:
                 return
 
 
@@ -237,6 +276,8 @@ class EventHub:
     ) -> None:
         self._pool = pool
         self.buffer_size = buffer_size
+        # A replaying stream holds one page: no more than a live one may buffer.
+        self.page_size = min(PAGE, buffer_size)
         self.poll_s = poll_s
         self.by_job: dict[int, set[Subscription]] = {}
         self.job_cursor: dict[int, int] = {}
@@ -247,6 +288,8 @@ class EventHub:
         self._wake = asyncio.Event()
         self.closed = False
         self.fetches = 0
+        self._heads: Coalescer[int, tuple[str, int]] = Coalescer(self._read_heads, 1000)
+        self._pages: Coalescer[tuple[int, int], list[Event]] = Coalescer(self._read_pages, 200)
 
     # -- subscribers ------------------------------------------------------------------------
     @property
@@ -292,24 +335,41 @@ class EventHub:
 
     async def page(self, job_id: int | None, after: Any) -> list[Event]:
         """One page of stored events after ``after``: a job's, or the firehose's."""
+        if job_id is not None:
+            return await self._pages.get((job_id, after)) or []
         async with self._connection() as conn:
-            if job_id is not None:
-                cur = await conn.execute(
-                    QUERIES["job_events_after"], {"job_id": job_id, "after": after, "limit": PAGE}
-                )
-            else:
-                cur = await conn.execute(
-                    QUERIES["firehose_after"], {"xid": str(after[0]), "id": after[1], "limit": PAGE}
-                )
+            cur = await conn.execute(
+                QUERIES["firehose_after"],
+                {"xid": str(after[0]), "id": after[1], "limit": self.page_size},
+            )
             rows = await cur.fetchall()
         return [Event.from_row(r) for r in rows]
 
     async def job_head(self, job_id: int) -> tuple[str, int] | None:
         """A job's state and last event seq, or None when there is no such job."""
+        return await self._heads.get(job_id)
+
+    async def _read_heads(self, job_ids: list[int]) -> dict[int, tuple[str, int]]:
         async with self._connection() as conn:
-            cur = await conn.execute(QUERIES["job_stream_head"], {"id": job_id})
-            row = await cur.fetchone()
-        return None if row is None else (str(row["state"]), int(row["event_seq"]))
+            cur = await conn.execute(QUERIES["job_stream_heads"], {"ids": job_ids})
+            rows = await cur.fetchall()
+        return {r["id"]: (str(r["state"]), int(r["event_seq"])) for r in rows}
+
+    async def _read_pages(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], list[Event]]:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                QUERIES["job_event_pages"],
+                {
+                    "job_ids": [k[0] for k in keys],
+                    "afters": [k[1] for k in keys],
+                    "limit": self.page_size,
+                },
+            )
+            rows = await cur.fetchall()
+        pages: dict[tuple[int, int], list[Event]] = {k: [] for k in keys}
+        for row in rows:
+            pages[keys[row["ord"] - 1]].append(Event.from_row(row))
+        return pages
 
     # -- notifications ----------------------------------------------------------------------
     def notify(self, channel: str, payload: str) -> None:

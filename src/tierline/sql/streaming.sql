@@ -1,7 +1,21 @@
 -- Queries of the event streams (`tierline.streaming`), by name. The replay and fan-out
 -- queries themselves live beside the queries that write events, in queries.sql.
 
--- name: job_stream_head
--- Where a job's stream stands: its state and the seq of its last event (written in the
--- same transaction as the event, so no stored event has a higher seq).
-SELECT state, event_seq FROM tierline.jobs WHERE id = %(id)s;
+-- name: job_stream_heads
+-- Where jobs' streams stand: state and the seq of the last event (written in the same
+-- transaction as the event, so no stored event has a higher seq). Many jobs at once: a
+-- burst of new streams costs one query per round, not one per stream.
+SELECT id, state, event_seq FROM tierline.jobs WHERE id = ANY(%(ids)s::bigint[]);
+
+-- name: job_event_pages
+-- One replay page for each (job, after) pair, in one query; `ord` says which pair a row
+-- answers (several streams of one job may stand at different positions).
+SELECT c.ord, e.job_id, e.seq, e.type, e.queue, e.kind, e.data, e.at
+FROM unnest(%(job_ids)s::bigint[], %(afters)s::int[]) WITH ORDINALITY AS c(job_id, after, ord)
+CROSS JOIN LATERAL (
+    SELECT * FROM tierline.job_events e
+    WHERE e.job_id = c.job_id AND e.seq > c.after
+    ORDER BY e.seq
+    LIMIT %(limit)s
+) e
+ORDER BY c.ord, e.seq;
