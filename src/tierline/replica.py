@@ -67,7 +67,9 @@ class Replica:
         for cap in self.plan.caps:
             _log_cap(cap)
         self._warn_pool_need()
-        delays = backoff_delays(base=0.5, cap=10.0)
+        # Retries refresh the registry row (with the reason); keep them within the lease so
+        # a waiting replica shows as alive and not ready, not as dead.
+        delays = backoff_delays(base=0.5, cap=min(10.0, self.settings.replica_lease_s / 2))
         last_reason = ""
         while not stop.is_set():
             try:
@@ -271,6 +273,7 @@ class Replica:
         """
         if self.pool is not None:
             await self.pool.close(timeout=5)
+        if self.pool is not None or self.budget is not None:  # we wrote a registry row
             try:
                 conn = await connect(
                     self.settings.dsn(),
