@@ -22,6 +22,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -53,6 +54,7 @@ async def ticker(ctx: JobContext, ticks: int, interval: float, start_at: float) 
 class Stream:
     job: int
     latencies: list[float] = field(default_factory=list)
+    to_db: list[float] = field(default_factory=list)  # progress() -> its write began
     done: bool = False
     error: str = ""
 
@@ -98,8 +100,11 @@ async def consume(reader: asyncio.StreamReader, stream: Stream) -> None:
                     elif line.startswith(b"data: "):
                         data = line[6:]
                 if kind == "progress":
-                    stamp = float(json.loads(data)["data"]["message"])
+                    event = json.loads(data)
+                    stamp = float(event["data"]["message"])
                     stream.latencies.append(now - stamp)
+                    at = datetime.fromisoformat(event["at"]).timestamp()
+                    stream.to_db.append(at - stamp)
                 elif kind in ("succeeded", "failed", "cancelled"):
                     stream.done = True
     except Exception as exc:  # reported per stream
@@ -171,6 +176,13 @@ async def run_step(
         "streams_failed": len(errors),
         "first_errors": errors[:3],
         "latency_ms": common.summary_ms(latencies),
+        # `at` of an event is the start of the worker's write transaction (database clock):
+        # the part spent in the worker before the write, and the rest (write, commit,
+        # NOTIFY, the replica's fetch and fan-out, the socket).
+        "to_write_ms": common.summary_ms([x for s in streams for x in s.to_db]),
+        "write_to_client_ms": common.summary_ms(
+            [x - y for s in streams for x, y in zip(s.latencies, s.to_db, strict=True)]
+        ),
         "web_cpu_cores": round(cpu, 2),
         "web_rss_mib": round(rss_max / 1024, 1),
     }
@@ -257,6 +269,11 @@ def main() -> None:
             step = asyncio.run(run_step(url, web, n, args.rate, args.window, settle_s=5 + n / 250))
             step["sustained"] = sustained(step, args.max_p99_ms)
             lat = step["latency_ms"]
+            tw, wc = step["to_write_ms"], step["write_to_client_ms"]
+            common.say(
+                f"  in the worker p50 {tw['p50']:.1f} / p99 {tw['p99']:.1f} ms, then to the "
+                f"client p50 {wc['p50']:.1f} / p99 {wc['p99']:.1f} ms"
+            )
             common.say(
                 f"  p50 {lat['p50']:.1f} ms, p90 {lat['p90']:.1f} ms, p99 {lat['p99']:.1f} ms; "
                 f"{step['events_received']}/{step['events_expected']} events, "

@@ -23,6 +23,7 @@ a full buffer means the client reads too slowly: its stream ends and it may resu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -394,11 +395,18 @@ class EventHub:
 
     async def run(self) -> None:
         """Fetch and distribute until cancelled; polls as a fallback for missed notes."""
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
-            except TimeoutError:
+            # Every stream is checked at least once per poll_s, busy or not: the fallback
+            # for notifications that never came (LISTEN down, a producer that named only
+            # some jobs), which a steady flow of other notifications must not starve.
+            if loop.time() - checked >= self.poll_s:
                 self._dirty_all = bool(self.by_job)
+            if self._dirty_all:
+                checked = loop.time()
             self._wake.clear()
             try:
                 more = await self._fetch()

@@ -119,13 +119,20 @@ WITH u AS (
     SELECT job_id, count(*) AS n,
            (array_agg(data ORDER BY ord DESC) FILTER (WHERE type = 'progress'))[1] AS progress
     FROM u GROUP BY job_id
+), lk AS (
+    -- Rows locked in id order, like renew_leases and finish_batch: statements that lock
+    -- many job rows in different orders deadlock (and wait deadlock_timeout to learn it).
+    SELECT j.id FROM tierline.jobs j
+    WHERE j.id IN (SELECT job_id FROM c) AND j.state = 'running'
+      AND j.lease_owner = %(owner)s
+    ORDER BY j.id
+    FOR UPDATE
 ), upd AS (
     UPDATE tierline.jobs j
     SET event_seq = j.event_seq + c.n, progress = coalesce(c.progress, j.progress),
         updated_at = now()
-    FROM c
-    WHERE j.id = c.job_id AND j.state = 'running' AND j.lease_owner = %(owner)s
-      AND j.event_seq + c.n <= %(max_events)s
+    FROM c, lk
+    WHERE j.id = c.job_id AND j.id = lk.id AND j.event_seq + c.n <= %(max_events)s
     RETURNING j.id, j.event_seq - c.n AS base, j.queue, j.kind
 ), ins AS (
     INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
@@ -136,8 +143,10 @@ WITH u AS (
     RETURNING job_id
 )
 SELECT count(*) AS written,
-       (SELECT pg_notify('tierline_events', string_agg(DISTINCT job_id::text, ','))
-        FROM (SELECT job_id FROM ins LIMIT 300) s) IS NULL AS notified
+       (SELECT pg_notify('tierline_events',
+                         CASE WHEN count(DISTINCT job_id) > 300 THEN '*'
+                              ELSE string_agg(DISTINCT job_id::text, ',') END)
+        FROM ins) IS NULL AS notified
 FROM ins;
 
 -- name: finish_batch
@@ -147,6 +156,11 @@ WITH d AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(states)s::text[],
                          %(results)s::jsonb[], %(errors)s::jsonb[], %(delays)s::float8[])
         AS d(id, attempt, state, result, error, delay_s)
+), lk AS (
+    SELECT j.id FROM tierline.jobs j
+    WHERE j.id IN (SELECT id FROM d) AND j.state = 'running' AND j.lease_owner = %(owner)s
+    ORDER BY j.id
+    FOR UPDATE  -- in id order: see record_events
 ), upd AS (
     UPDATE tierline.jobs j
     SET state = d.state, result = d.result, error = coalesce(d.error, j.error),
@@ -155,9 +169,8 @@ WITH d AS (
         finished_at = CASE WHEN d.state = 'retrying' THEN NULL ELSE now() END,
         lease_owner = NULL, lease_expires_at = NULL,
         event_seq = j.event_seq + 1, updated_at = now()
-    FROM d
-    WHERE j.id = d.id AND j.state = 'running' AND j.lease_owner = %(owner)s
-      AND j.attempt = d.attempt
+    FROM d, lk
+    WHERE j.id = d.id AND j.id = lk.id AND j.attempt = d.attempt
     RETURNING j.id, j.queue, j.kind, j.state, j.event_seq, j.attempt, j.max_attempts,
               j.run_at, d.result, d.error,
               extract(epoch FROM now() - j.started_at) AS duration_s
@@ -202,11 +215,18 @@ SELECT id, state FROM upd WHERE (SELECT count(*) FROM notified) >= 0;
 
 -- name: renew_leases
 -- Heartbeat of running jobs. Jobs not returned were taken away (their lease ran out);
--- cancel_requested tells the worker to stop them.
-UPDATE tierline.jobs
+-- cancel_requested tells the worker to stop them. Rows are locked in id order (see
+-- record_events).
+WITH lk AS (
+    SELECT id FROM tierline.jobs
+    WHERE id = ANY(%(ids)s::bigint[]) AND state = 'running' AND lease_owner = %(owner)s
+    ORDER BY id
+    FOR UPDATE
+)
+UPDATE tierline.jobs j
 SET lease_expires_at = now() + make_interval(secs => %(lease_s)s)
-WHERE id = ANY(%(ids)s::bigint[]) AND state = 'running' AND lease_owner = %(owner)s
-RETURNING id, cancel_requested_at IS NOT NULL AS cancel_requested;
+FROM lk WHERE j.id = lk.id
+RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- name: rescue_expired
 -- Jobs whose lease ran out (their replica is gone): available again, or failed when that
