@@ -93,10 +93,12 @@ def roles_mode(request: pytest.FixtureRequest) -> Iterator[None]:
     roles = {"web": f"tl_{_RUN}_web", "worker": f"tl_{_RUN}_worker"}
     asyncio.run(_grant_test_roles(url, roles))
     helpers.ROLES.update(roles)
+    helpers.ROLE_SERVER = helpers.server_of(url)
     try:
         yield
     finally:
         helpers.ROLES.clear()
+        helpers.ROLE_SERVER = ""
         with admin_connect(url) as conn:  # the template still exists: release its grants
             conn.execute(f"DROP OWNED BY {roles['web']}, {roles['worker']}")
             for role in roles.values():

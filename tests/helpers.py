@@ -137,6 +137,7 @@ def database_env(db_url: str) -> dict[str, str]:
 # `tierline.roles` in the template database). ``Cluster`` then starts each tier's
 # processes as its role, proving the suite runs without superuser rights.
 ROLES: dict[str, str] = {}
+ROLE_SERVER = ""  # host:port of the server that has them (tests also start private ones)
 ROLE_PASSWORD = "tierline-test-role"
 
 
@@ -148,9 +149,16 @@ def as_role(db_url: str, role: str, password: str = ROLE_PASSWORD) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def server_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 5432}"
+
+
 def tier_url(db_url: str, tier: str) -> str:
     """The URL a tier's processes use: its role's in roles mode, else ``db_url``."""
-    return as_role(db_url, ROLES[tier]) if tier in ROLES else db_url
+    if tier in ROLES and server_of(db_url) == ROLE_SERVER:
+        return as_role(db_url, ROLES[tier])
+    return db_url
 
 
 def base_env(db_url: str, **extra: Any) -> dict[str, str]:
