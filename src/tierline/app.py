@@ -130,7 +130,9 @@ class App:
             "kind": request.kind,
             "args": args,
             "priority": handler.priority if request.priority is None else request.priority,
-            "run_at": request.due(),
+            # The database turns a delay into a time (its clock, not this replica's).
+            "run_at": request.run_at,
+            "delay_s": request.delay_s or None,
             "max_attempts": request.max_attempts or handler.max_attempts,
             "timeout_s": request.timeout_s if request.timeout_s is not None else handler.timeout,
             "idempotency_key": request.idempotency_key,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -84,11 +84,6 @@ class JobRequest(BaseModel):
         if self.run_at is not None and self.delay_s is not None:
             raise ValueError("give run_at or delay_s, not both")
         return self
-
-    def due(self) -> datetime | None:
-        if self.delay_s:
-            return datetime.now(UTC) + timedelta(seconds=self.delay_s)
-        return self.run_at
 
 
 class Job(BaseModel):

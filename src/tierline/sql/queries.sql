@@ -4,15 +4,19 @@
 
 -- name: enqueue
 -- One job; with an idempotency key that exists already, nothing is inserted and the
--- existing job is returned with created = false.
-WITH ins AS (
+-- existing job is returned with created = false. A delay counts from the database's
+-- now(), never from the enqueuing replica's clock.
+WITH v AS (
+    SELECT coalesce(%(run_at)s::timestamptz,
+                    now() + make_interval(secs => %(delay_s)s::float8)) AS run_at
+), ins AS (
     INSERT INTO tierline.jobs
         (queue, kind, args, state, priority, run_at, max_attempts, timeout_s, idempotency_key)
-    VALUES (
-        %(queue)s, %(kind)s, %(args)s,
-        CASE WHEN %(run_at)s::timestamptz > now() THEN 'scheduled' ELSE 'available' END,
-        %(priority)s, coalesce(%(run_at)s::timestamptz, now()), %(max_attempts)s,
-        %(timeout_s)s, %(idempotency_key)s)
+    SELECT %(queue)s, %(kind)s, %(args)s,
+           CASE WHEN v.run_at > now() THEN 'scheduled' ELSE 'available' END,
+           %(priority)s, coalesce(v.run_at, now()), %(max_attempts)s,
+           %(timeout_s)s, %(idempotency_key)s
+    FROM v
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), ev AS (
@@ -41,7 +45,8 @@ WITH u AS (
     SELECT e.ord, nextval(pg_get_serial_sequence('tierline.jobs', 'id')) AS id,
            e.j->>'queue' AS queue, e.j->>'kind' AS kind, coalesce(e.j->'args', '{}') AS args,
            coalesce((e.j->>'priority')::smallint, 0) AS priority,
-           (e.j->>'run_at')::timestamptz AS run_at,
+           coalesce((e.j->>'run_at')::timestamptz,
+                    now() + make_interval(secs => (e.j->>'delay_s')::float8)) AS run_at,
            (e.j->>'max_attempts')::int AS max_attempts,
            (e.j->>'timeout_s')::float8 AS timeout_s,
            e.j->>'idempotency_key' AS idempotency_key
