@@ -90,22 +90,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeat", type=int, default=3, help="Runs per configuration (median).")
     p.add_argument(
-        "--no-default", action="store_true", help="Skip the reference run at default concurrency."
+        "--reference-repeat",
+        type=int,
+        default=1,
+        help="Runs at the default concurrency, for reference (0: none).",
     )
     p.add_argument("--timeout", type=float, default=120, help="Give up a run after (s).")
     args = p.parse_args(argv)
     if args.smoke:
         args.jobs, args.repeat, args.concurrency = 200, 1, 50
     machine = common.machine()
-    configs: list[tuple[str, int | None]] = [(f"concurrency {args.concurrency}", args.concurrency)]
-    if not args.no_default:
-        configs.append(("default concurrency (10)", None))
+    configs: list[tuple[str, int | None, int]] = [
+        (f"concurrency {args.concurrency}", args.concurrency, args.repeat)
+    ]
+    if args.reference_repeat > 0:
+        configs.append(("default concurrency (10)", None, args.reference_repeat))
     runs: list[dict[str, Any]] = []
-    for label, concurrency in configs:
-        for i in range(args.repeat):
+    for label, concurrency, repeat in configs:
+        for i in range(repeat):
             runs.append({**run_once(args, concurrency, label), "run": i + 1})
     summary = []
-    for label, concurrency in configs:
+    for label, concurrency, _ in configs:
         mine = [r for r in runs if r["label"] == label]
         summary.append(
             {
@@ -129,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     md = [
         f"Drain of {args.jobs:,} no-op jobs by one worker process "
-        f"(log level {args.log_level}; median of {args.repeat} runs). "
+        f"(log level {args.log_level}; median of {args.repeat} runs, "
+        f"{args.reference_repeat} at the default concurrency). "
         f"Target >= {target['min_jobs_per_s']:,} jobs/s (aim {target['aim_jobs_per_s']:,}).",
         "",
         common.table(
