@@ -374,18 +374,11 @@ ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: job_events_after
--- Replay of one job's stream.
+-- One job's events after a seq (the event hub reads pages of many jobs at once, with the
+-- queries in streaming.sql).
 SELECT job_id, seq, type, queue, kind, data, at FROM tierline.job_events
 WHERE job_id = %(job_id)s AND seq > %(after)s
 ORDER BY seq LIMIT %(limit)s;
-
--- name: jobs_events_after
--- Catch-up of many jobs' streams at once (one query per notification per web replica).
-SELECT e.job_id, e.seq, e.type, e.queue, e.kind, e.data, e.at
-FROM unnest(%(job_ids)s::bigint[], %(afters)s::int[]) AS c(job_id, after)
-JOIN tierline.job_events e ON e.job_id = c.job_id AND e.seq > c.after
-ORDER BY e.job_id, e.seq
-LIMIT %(limit)s;
 
 -- name: firehose_after
 -- Events in commit-safe order: only rows of transactions older than every transaction

@@ -1,5 +1,5 @@
--- Queries of the event streams (`tierline.streaming`), by name. The replay and fan-out
--- queries themselves live beside the queries that write events, in queries.sql.
+-- Queries of the event streams (`tierline.streaming`), by name. The firehose's queries
+-- (`firehose_after`, `firehose_head`) are in queries.sql.
 
 -- name: job_stream_heads
 -- Where jobs' streams stand: state and the seq of the last event (written in the same
@@ -19,3 +19,18 @@ CROSS JOIN LATERAL (
     LIMIT %(limit)s
 ) e
 ORDER BY c.ord, e.seq;
+
+-- name: jobs_events_after
+-- The event hub's catch-up of many followed jobs at once (one query per batch of
+-- notifications). One index range scan per job, each bounded: a plain join would merge
+-- over the whole primary key, slower as the table grows.
+SELECT e.job_id, e.seq, e.type, e.queue, e.kind, e.data, e.at
+FROM unnest(%(job_ids)s::bigint[], %(afters)s::int[]) AS c(job_id, after)
+CROSS JOIN LATERAL (
+    SELECT * FROM tierline.job_events e
+    WHERE e.job_id = c.job_id AND e.seq > c.after
+    ORDER BY e.seq
+    LIMIT %(limit)s
+) e
+ORDER BY e.job_id, e.seq
+LIMIT %(limit)s;
