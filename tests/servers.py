@@ -73,9 +73,12 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT) -> None:
 
 
 def with_host(url: str, host: str, port: int) -> str:
+    """``url`` pointing at ``host:port``, user and password kept."""
     parts = urlsplit(url)
-    user = f"{parts.username}@" if parts.username else ""
-    return urlunsplit(parts._replace(netloc=f"{user}{host}:{port}"))
+    userinfo = parts.netloc.rpartition("@")[0]
+    return urlunsplit(
+        parts._replace(netloc=f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}")
+    )
 
 
 class PrivateServer:
@@ -183,6 +186,9 @@ class PgBouncer:
             "unix_socket_dir =\n"
             "auth_type = trust\n"
             f"auth_file = {users}\n"
+            # Roles the tests create later are looked up on the server (trust still
+            # skips the password check).
+            "auth_user = postgres\n"
             "admin_users = postgres\n"
             "pool_mode = transaction\n"
             f"default_pool_size = {self.pool_size}\n"
