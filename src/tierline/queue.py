@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, LiteralString
 
 import psycopg
 from psycopg.rows import dict_row
@@ -52,10 +52,11 @@ class Queue:
         """Insert one job; ``(job, created)``; created is False for a repeated key."""
         row = self.app.prepare(request, max_args_bytes=self.max_args_bytes)
         params = {**row, "args": Jsonb(row["args"])}
+        # With a key, running the insert again is safe even if the first one committed.
+        tries = 2 if request.idempotency_key is not None else 1
         for _ in range(3):
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(QUERIES["enqueue"], params)
-                found = await cur.fetchone()
+            rows = await self._fetch(QUERIES["enqueue"], params, tries=tries)
+            found = rows[0] if rows else None
             if found:  # empty only when the same key was committed concurrently
                 if found["created"]:
                     metrics.JOBS_ENQUEUED.labels(found["queue"]).inc()
@@ -127,12 +128,10 @@ class Queue:
 
     # -- read -------------------------------------------------------------------------------
     async def get(self, job_id: int) -> Job:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(QUERIES["get_job"], {"id": job_id})
-            row = await cur.fetchone()
-        if row is None:
+        rows = await self._fetch(QUERIES["get_job"], {"id": job_id})
+        if not rows:
             raise JobNotFound(f"job {job_id} not found")
-        return Job.from_row(row)
+        return Job.from_row(rows[0])
 
     async def list(
         self,
@@ -143,18 +142,29 @@ class Queue:
         before: int | None = None,
         limit: int = 50,
     ) -> list[Job]:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                QUERIES["list_jobs"],
-                {
-                    "queue": queue,
-                    "state": state,
-                    "kind": kind,
-                    "before": before,
-                    "limit": limit,
-                },
-            )
-            return [Job.from_row(r) for r in await cur.fetchall()]
+        rows = await self._fetch(
+            QUERIES["list_jobs"],
+            {"queue": queue, "state": state, "kind": kind, "before": before, "limit": limit},
+        )
+        return [Job.from_row(r) for r in rows]
+
+    async def _fetch(
+        self, query: LiteralString, params: dict[str, Any], *, tries: int = 2
+    ) -> list[dict[str, Any]]:
+        """Run one statement; when its connection dies under it (terminated, server
+        restarted: ``conn.broken``), run it once more on a fresh connection if ``tries``
+        allows. Only for statements that are safe to repeat."""
+        for attempt in range(1, tries + 1):
+            used: Conn | None = None
+            try:
+                async with self.pool.connection() as conn:
+                    used = conn
+                    cur = await conn.execute(query, params)
+                    return await cur.fetchall()
+            except psycopg.OperationalError:
+                if attempt == tries or used is None or not used.broken:
+                    raise  # a pool timeout, a query error, or no tries left
+        raise AssertionError("unreachable")
 
     # -- change -----------------------------------------------------------------------------
     async def cancel(self, job_id: int) -> Job:

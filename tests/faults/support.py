@@ -173,15 +173,18 @@ class Tally:
     """Every outcome of a load generator, by kind; thread-safe."""
 
     statuses: Counter[int] = field(default_factory=Counter)
+    codes: Counter[str] = field(default_factory=Counter)  # error codes of 4xx/5xx answers
     errors: Counter[str] = field(default_factory=Counter)
     accepted: dict[str, int] = field(default_factory=dict)  # idempotency key -> job id
     slowest_s: float = 0.0
     slow: list[tuple[float, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def status(self, code: int, took: float, what: str) -> None:
+    def status(self, code: int, took: float, what: str, error_code: str = "") -> None:
         with self.lock:
             self.statuses[code] += 1
+            if error_code:
+                self.codes[f"{code} {error_code}"] += 1
             self._took(took, what)
 
     def error(self, exc: BaseException, took: float, what: str) -> None:
@@ -199,6 +202,7 @@ class Tally:
             return {
                 "statuses": dict(sorted(self.statuses.items())),
                 "errors": dict(self.errors),
+                "error_codes": dict(self.codes),
                 "accepted": len(self.accepted),
                 "slowest_s": round(self.slowest_s, 2),
             }
@@ -266,7 +270,13 @@ class Load:
         except httpx.HTTPError as exc:
             self.tally.error(exc, time.monotonic() - start, what)
             return exc
-        self.tally.status(r.status_code, time.monotonic() - start, what)
+        error_code = ""
+        if r.status_code >= 400:
+            try:
+                error_code = str(r.json()["error"]["code"])
+            except (ValueError, KeyError, TypeError):
+                error_code = "not-json"
+        self.tally.status(r.status_code, time.monotonic() - start, what, error_code)
         return r
 
     def _loop(self, index: int) -> None:
