@@ -113,29 +113,43 @@ def test_web_pool_of_500_runs_capped_with_one_warning(cluster: Cluster) -> None:
 
 # -- 5. a real CPU quota -----------------------------------------------------------------------
 @contextlib.contextmanager
-def cpu_quota_cgroup(cpus: float) -> Iterator[Path]:
-    """A child cgroup (v1 cpu controller) with a CFS quota of ``cpus``; skip if we cannot."""
+def cpu_quota_cgroup(cpus: float) -> Iterator[tuple[Path, str]]:
+    """A child cgroup with a CPU quota of ``cpus`` (v1 cpu controller, else v2 at the
+    hierarchy's root), and the source name the budget reports for it; skip if we cannot."""
     own = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, controllers, path = line.split(":", 2)
             if "cpu" in controllers.split(","):
                 own = path
+    name = f"tierline-test-{uuid.uuid4().hex[:8]}"
     mounts = [Path("/sys/fs/cgroup/cpu,cpuacct"), Path("/sys/fs/cgroup/cpu")]
     base = next((m for m in mounts if (m / "cpu.cfs_quota_us").exists()), None)
-    if base is None or not own:
-        pytest.skip("no cgroup v1 cpu controller here (the fixture-file tests cover v2)")
-    folder = base / own.lstrip("/") / f"tierline-test-{uuid.uuid4().hex[:8]}"
+    v2 = Path("/sys/fs/cgroup")
+    folder: Path | None = None
     try:
-        folder.mkdir()
-        (folder / "cpu.cfs_period_us").write_text("100000")
-        (folder / "cpu.cfs_quota_us").write_text(str(int(cpus * 100000)))
+        if base is not None and own:
+            folder, source = base / own.lstrip("/") / name, "cgroup v1 cfs quota"
+            folder.mkdir()
+            (folder / "cpu.cfs_period_us").write_text("100000")
+            (folder / "cpu.cfs_quota_us").write_text(str(int(cpus * 100000)))
+        elif "cpu" in (v2 / "cgroup.controllers").read_text().split():
+            # The root may hold processes and still delegate the cpu controller.
+            folder, source = v2 / name, "cgroup v2 cpu.max"
+            if "cpu" not in (v2 / "cgroup.subtree_control").read_text().split():
+                (v2 / "cgroup.subtree_control").write_text("+cpu")
+            folder.mkdir()
+            (folder / "cpu.max").write_text(f"{int(cpus * 100000)} 100000")
+        else:
+            pytest.skip("no cgroup cpu controller here (the fixture-file tests cover both)")
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+        if folder is not None:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         pytest.skip(f"cannot create a cgroup with a CPU quota here: {exc}")
+    assert folder is not None
     try:
-        yield folder
+        yield folder, source
     finally:
         for _ in range(100):  # the cgroup can go once its processes have exited
             try:
@@ -148,7 +162,7 @@ def cpu_quota_cgroup(cpus: float) -> Iterator[Path]:
 def test_cap_uses_the_cores_of_a_real_cpu_quota(cluster: Cluster, db_url: str) -> None:
     if (os.cpu_count() or 1) < 2:
         pytest.skip("a 0.5-CPU quota only shows on a machine with 2 or more cores")
-    with cpu_quota_cgroup(0.5) as cgroup:
+    with cpu_quota_cgroup(0.5) as (cgroup, source):
         port = free_port()
         env = base_env(db_url, TIERLINE_WEB_PORT=port, TIERLINE_WEB_DB_POOL_MAX=500)
         # Join the cgroup before Python starts, so the process reads its quota from birth.
@@ -161,11 +175,9 @@ def test_cap_uses_the_cores_of_a_real_cpu_quota(cluster: Cluster, db_url: str) -
 
         [cap] = [e for e in events(web) if e["event"] == "pool size capped"]
         assert cap["applied"] == 4
-        assert cap["reason"] == (
-            "1 usable core (cgroup v1 cfs quota) x TIERLINE_DB_POOL_CPU_FACTOR 4"
-        )
+        assert cap["reason"] == f"1 usable core ({source}) x TIERLINE_DB_POOL_CPU_FACTOR 4"
         stats = my_replica(url, web.pid)["stats"]
-        assert (stats["cores"], stats["cores_source"]) == (1, "cgroup v1 cfs quota")
+        assert (stats["cores"], stats["cores_source"]) == (1, source)
         assert sample(scrape(url), "tierline_db_pool_max_connections", tier="web") == 4
         assert web.stop() == 0
 
