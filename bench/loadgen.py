@@ -31,6 +31,7 @@ class Stats:
     errors: dict[str, int] = field(default_factory=dict)
     sent: int = 0
     completed: int = 0
+    in_window: int = 0  # answered before the measured window ended (the served rate)
 
     def ok(self, op: str, latency: float) -> None:
         self.latencies.setdefault(op, []).append(latency)
@@ -113,6 +114,7 @@ async def open_loop(args: argparse.Namespace, mix: Mix, stats: Stats) -> float:
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.05
     warm_end = start + args.warmup
+    window_end = warm_end + args.duration
     total = int(args.rate * (args.warmup + args.duration))
 
     async def connection_worker() -> None:
@@ -133,6 +135,8 @@ async def open_loop(args: argparse.Namespace, mix: Mix, stats: Stats) -> float:
             if intended < warm_end:
                 continue
             stats.completed += 1
+            if done <= window_end:
+                stats.in_window += 1
             if 200 <= status < 300:
                 stats.ok(op, done - intended)
             else:
@@ -181,6 +185,7 @@ async def closed_loop(args: argparse.Namespace, mix: Mix, stats: Stats) -> float
             if now >= warm_end:
                 stats.sent += 1
                 stats.completed += 1
+                stats.in_window += loop.time() <= end
                 if 200 <= status < 300:
                     stats.ok(op, loop.time() - now)
                 else:
@@ -224,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "connections": args.connections,
         "sent": stats.sent,
         "completed": stats.completed,
+        "in_window": stats.in_window,
         "errors": stats.errors,
         "generator_behind_s": round(behind, 4),
         "elapsed_s": round(time.perf_counter() - t0, 3),
