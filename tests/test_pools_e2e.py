@@ -291,7 +291,7 @@ def test_twenty_replicas_at_once_never_exceed_the_budget(tmp_path: Path) -> None
                     states[purl] = answer
                 return states
 
-            states = wait_for(settled, 120, "every replica ready or waiting for budget", 0.5)
+            states = wait_for(settled, 180, "every replica ready or waiting for budget", 0.5)
             ready = [p for p in procs if states[p[1]][0] == 200]
             waiting = [p for p in procs if states[p[1]][0] == 503]
             assert ready and waiting, states
@@ -399,6 +399,14 @@ def test_exhausted_web_pool_answers_503_and_recovers(cluster: Cluster, db_url: s
     lock = psycopg.connect(db_url, autocommit=False)
     lock.execute("LOCK TABLE tierline.jobs IN ACCESS EXCLUSIVE MODE")
 
+    def blocked() -> bool:
+        waiting = query(
+            db_url,
+            "SELECT count(*) AS n FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        return bool(waiting[0]["n"] >= 1)
+
     async def load() -> tuple[list[httpx.Response], list[float]]:
         waiting_seen: list[float] = []
         async with httpx.AsyncClient(timeout=30) as client:
@@ -407,7 +415,8 @@ def test_exhausted_web_pool_answers_503_and_recovers(cluster: Cluster, db_url: s
                 return await client.get(f"{url}/v1/jobs")
 
             first = asyncio.create_task(one())
-            await asyncio.sleep(0.2)  # it now holds the connection, blocked on the lock
+            # Wait until it holds the pool's connection, blocked on the lock.
+            await asyncio.to_thread(wait_for, blocked, 30, "a query waiting for the lock")
             answers = []
             for _ in range(4):  # waves of requests while the lock is held
                 wave = [asyncio.create_task(one()) for _ in range(6)]
