@@ -22,6 +22,9 @@ from tierline.queries import QUERIES
 
 log = get_logger(__name__)
 
+COALESCE_S = 0.002
+COALESCE_BELOW = 200
+
 OUTCOME = {
     "succeeded": "succeeded",
     "failed": "failed",
@@ -86,6 +89,9 @@ class Flusher:
             if not self.pending():
                 self._idle.set()
                 continue
+            if self.pending() < COALESCE_BELOW:
+                # A moment for the neighbours of this outcome: one commit for many jobs.
+                await asyncio.sleep(COALESCE_S)
             events, self.events = self.events, []
             finishes, self.finishes = self.finishes, []
             try:

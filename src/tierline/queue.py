@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from tierline.app import App
 
 MAX_ARGS_BYTES = 262_144
+Rows = list[dict[str, Any]]  # (a name: inside Queue, `list` is the method below)
 
 
 class Queue:
@@ -148,9 +149,7 @@ class Queue:
         )
         return [Job.from_row(r) for r in rows]
 
-    async def _fetch(
-        self, query: LiteralString, params: dict[str, Any], *, tries: int = 2
-    ) -> list[dict[str, Any]]:
+    async def _fetch(self, query: LiteralString, params: dict[str, Any], *, tries: int = 2) -> Rows:
         """Run one statement; when its connection dies under it (terminated, server
         restarted: ``conn.broken``), run it once more on a fresh connection if ``tries``
         allows. Only for statements that are safe to repeat."""
@@ -200,11 +199,24 @@ def _expand(items: list[tuple[Any, bool]], position: list[int]) -> list[tuple[An
 def _new_job(row: dict[str, Any], r: dict[str, Any]) -> Job:
     """The Job a fresh insert made, from its input and what the database added."""
     return Job.model_construct(
-        id=r["id"], kind=row["kind"], queue=row["queue"], state=r["state"], args=row["args"],
-        priority=row["priority"], attempt=0, max_attempts=row["max_attempts"],
-        timeout_s=row["timeout_s"], idempotency_key=row["idempotency_key"],
-        run_at=r["run_at"], created_at=r["created_at"], updated_at=r["created_at"],
-        started_at=None, finished_at=None, result=None, error=None, progress=None,
+        id=r["id"],
+        kind=row["kind"],
+        queue=row["queue"],
+        state=r["state"],
+        args=row["args"],
+        priority=row["priority"],
+        attempt=0,
+        max_attempts=row["max_attempts"],
+        timeout_s=row["timeout_s"],
+        idempotency_key=row["idempotency_key"],
+        run_at=r["run_at"],
+        created_at=r["created_at"],
+        updated_at=r["created_at"],
+        started_at=None,
+        finished_at=None,
+        result=None,
+        error=None,
+        progress=None,
         cancel_requested=False,
     )
 

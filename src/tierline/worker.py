@@ -35,6 +35,7 @@ log = get_logger(__name__)
 MAX_ERROR_CHARS = 8000
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 3600.0
+CLAIM_COALESCE_S = 0.005  # busy workers wait this long to claim several slots at once
 
 
 def retry_delay(attempt: int) -> float:
@@ -118,6 +119,7 @@ class Worker:
 
     async def claim_forever(self) -> None:
         poll = self.settings.worker_poll_interval_s
+        min_batch = max(1, self.concurrency // 4)
         while self.claiming:
             free = self.free_slots()
             if free <= 0:
@@ -132,15 +134,20 @@ class Worker:
                     pass
                 if not self.claiming:
                     break
+            elif free < min_batch and self.running:
+                # Busy: let a few more slots free up so that one claim fills several:
+                # fewer, larger transactions under load, and no delay when idle.
+                await asyncio.sleep(CLAIM_COALESCE_S)
+            limit = self.free_slots()
             try:
-                got = await self.claim(self.free_slots())
+                got = await self.claim(limit)
             except Exception as exc:
                 log.warning("claim failed; retrying", error=describe_error(exc))
                 self._more = False
                 await asyncio.sleep(min(poll, 1.0) * random.uniform(0.5, 1.5))
                 continue
             # A full batch means the queue may hold more; otherwise wait for a signal.
-            self._more = got >= free and free > 0
+            self._more = got >= limit > 0
 
     async def claim(self, limit: int) -> int:
         if limit <= 0:
