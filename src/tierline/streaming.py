@@ -179,6 +179,7 @@ class Subscription:
         self.missed = False  # the buffer was dropped: read again from the database
         self.overflowed = False
         self.ended = False
+        self.registered = False  # with the hub (kept by the hub)
         self.on_overflow: Callable[[], None] | None = None
 
     def wants(self, ev: Event) -> bool:
@@ -289,19 +290,25 @@ class EventHub:
         self._wake = asyncio.Event()
         self.closed = False
         self.fetches = 0
+        self._active = 0  # subscribers, kept as a count: checked on every admission
         self._heads: Coalescer[int, tuple[str, int]] = Coalescer(self._read_heads, 1000)
         self._pages: Coalescer[tuple[int, int], list[Event]] = Coalescer(self._read_pages, 200)
 
     # -- subscribers ------------------------------------------------------------------------
     @property
     def active(self) -> int:
-        return sum(len(s) for s in self.by_job.values()) + len(self.firehose)
+        return self._active
 
     async def subscribe(self, sub: Subscription) -> None:
         """Register ``sub`` for live events (before its replay starts)."""
         if self.closed:
             sub.close()
             return
+        if sub.registered:
+            return
+        sub.registered = True
+        self._active += 1
+        metrics.SSE_ACTIVE.set(self._active)
         if sub.job_id is not None:
             self.by_job.setdefault(sub.job_id, set()).add(sub)
             if sub.job_id not in self.job_cursor:
@@ -314,13 +321,21 @@ class EventHub:
             # pushes nothing to the firehose until its cursor is set.
             self.firehose.add(sub)
             if self.fire_cursor is None:
-                head = await self.firehose_head()
+                try:
+                    head = await self.firehose_head()
+                except BaseException:
+                    self.unsubscribe(sub)  # the caller answers an error; no stream follows
+                    raise
                 if self.fire_cursor is None and self.firehose:
                     self.fire_cursor = head
-        metrics.SSE_ACTIVE.set(self.active)
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Forget ``sub`` (idempotent)."""
+        if not sub.registered:
+            return
+        sub.registered = False
+        self._active -= 1
+        metrics.SSE_ACTIVE.set(self._active)
         if sub.job_id is not None:
             subs = self.by_job.get(sub.job_id)
             if subs is not None:
@@ -332,7 +347,6 @@ class EventHub:
             self.firehose.discard(sub)
             if not self.firehose:
                 self.fire_cursor = None
-        metrics.SSE_ACTIVE.set(self.active)
 
     async def page(self, job_id: int | None, after: Any) -> list[Event]:
         """One page of stored events after ``after``: a job's, or the firehose's."""
