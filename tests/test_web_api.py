@@ -153,10 +153,10 @@ def test_readyz_503_until_schema_exists(cluster: Cluster, empty_db_url: str) -> 
 
     def not_ready() -> dict[str, Any] | None:
         r = httpx.get(f"{url}/readyz", timeout=2)
-        return r.json() if r.status_code == 503 else None
+        body = r.json() if r.status_code == 503 else None
+        return body if body and "tierline migrate" in body["reason"] else None
 
-    body = wait_for(not_ready, 30, "/readyz to answer 503")
-    assert "tierline migrate" in body["reason"]
+    wait_for(not_ready, 30, "/readyz to answer 503, naming `tierline migrate`")
     error_of(httpx.post(f"{url}/v1/jobs", json={"kind": "noop"}), 503, "not_ready")
     import subprocess
     import sys

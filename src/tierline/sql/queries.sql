@@ -86,13 +86,21 @@ ORDER BY u.ord;
 -- name: claim
 -- The River pattern: lock waiting, due jobs with SKIP LOCKED (so claimers never wait on
 -- each other), then mark them running under a lease judged by the database clock.
+-- One index walk per queue (`queue = ANY(...)` would make PostgreSQL sort the whole
+-- backlog on every claim: 12 ms instead of 0.5 ms at 40,000 waiting jobs); each walk
+-- stops after `limit` rows, and the best of them across queues are taken.
 WITH picked AS (
-    SELECT id FROM tierline.jobs
-    WHERE state IN ('available', 'scheduled', 'retrying')
-      AND queue = ANY(%(queues)s::text[]) AND run_at <= now()
-    ORDER BY priority DESC, run_at, id
+    SELECT j.id FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at FROM tierline.jobs
+        WHERE queue = q.name AND state IN ('available', 'scheduled', 'retrying')
+          AND run_at <= now()
+        ORDER BY priority DESC, run_at, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) j
+    ORDER BY j.priority DESC, j.run_at, j.id
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE tierline.jobs j
     SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,

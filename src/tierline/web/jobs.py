@@ -4,25 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request
+from fastapi import APIRouter, Body, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from tierline import metrics
 from tierline.jobs import KIND_PATTERN, QUEUE_PATTERN, Job, JobRequest, State
 from tierline.web.errors import COMMON, ApiError, ErrorResponse
-from tierline.web.runtime import Runtime, runtime
+from tierline.web.runtime import Runtime, scoped
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON)
 JobId = Annotated[int, Path(ge=1, le=2**63 - 1, description="Job id.")]
-
-
-def scoped(scope: str) -> Any:
-    def check(request: Request, rt: Runtime = Depends(runtime)) -> Runtime:
-        rt.keys.check(request, scope)
-        return rt
-
-    return Depends(check)
 
 
 class BatchRequest(BaseModel):

@@ -13,14 +13,9 @@ from tierline import health
 from tierline.recommend import Recommender
 from tierline.stats import Stats
 from tierline.web.errors import COMMON
-from tierline.web.runtime import Runtime, runtime
+from tierline.web.runtime import Runtime, runtime, scoped
 
 router = APIRouter(tags=["operations"])
-
-
-def _reader(request: Request, rt: Runtime = Depends(runtime)) -> Runtime:
-    rt.keys.check(request, "read")
-    return rt
 
 
 @router.get("/healthz")
@@ -63,7 +58,7 @@ def _recommender(rt: Runtime) -> Recommender:
 
 
 @router.get("/v1/recommendations", responses=COMMON)
-async def recommendations(rt: Runtime = Depends(_reader)) -> dict[str, Any]:
+async def recommendations(rt: Runtime = scoped("read")) -> dict[str, Any]:
     """Recommended replicas per tier (computed at most every 10 s), with the inputs, the
     formula and the limit that bound each: `little's law`, `backlog`, `request rate`,
     `no data`, `min`, `max` or `connection budget`."""
@@ -71,13 +66,13 @@ async def recommendations(rt: Runtime = Depends(_reader)) -> dict[str, Any]:
 
 
 @router.get("/v1/queues", responses=COMMON)
-async def queues(rt: Runtime = Depends(_reader)) -> dict[str, Any]:
+async def queues(rt: Runtime = scoped("read")) -> dict[str, Any]:
     """Per queue: jobs in each state, oldest due age, throughput over 1, 5 and 15 minutes."""
     return await rt.require_stats().queues()
 
 
 @router.get("/v1/cluster", responses=COMMON)
-async def cluster(rt: Runtime = Depends(_reader)) -> dict[str, Any]:
+async def cluster(rt: Runtime = scoped("read")) -> dict[str, Any]:
     """The replica registry: replicas (alive, dead, stopped), per-tier totals, budget."""
     stats = rt.require_stats()
     snap = dict(await stats.cluster())

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
-from fastapi import Request
+from fastapi import Depends, Request
 
 from tierline.app import App
 from tierline.queue import Queue
@@ -52,6 +53,18 @@ class Runtime:
         return self.stats
 
 
-def runtime(request: Request) -> Runtime:
+async def runtime(request: Request) -> Runtime:
+    """The replica's runtime (async: FastAPI runs plain-def dependencies in a thread)."""
     rt: Runtime = request.app.state.runtime
     return rt
+
+
+def scoped(scope: str) -> Any:
+    """A dependency: the runtime, once the request's key has ``scope`` (when keys are on)."""
+
+    async def check(request: Request) -> Runtime:
+        rt: Runtime = request.app.state.runtime
+        rt.keys.check(request, scope)
+        return rt
+
+    return Depends(check)

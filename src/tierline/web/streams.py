@@ -6,13 +6,12 @@ event seq; ``XID-ID`` on the firehose), never per-process counters.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
@@ -23,6 +22,7 @@ from tierline.logs import get_logger
 from tierline.streaming import (
     FINAL,
     MAX_SEQ,
+    SEP,
     StreamClosed,
     Subscription,
     parse_firehose_id,
@@ -30,7 +30,7 @@ from tierline.streaming import (
 )
 from tierline.web.errors import COMMON, ApiError, ErrorResponse
 from tierline.web.jobs import JobId
-from tierline.web.runtime import Runtime, runtime
+from tierline.web.runtime import Runtime, scoped
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1", tags=["events"], responses=COMMON)
@@ -49,11 +49,6 @@ SSE_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _reader(request: Request, rt: Runtime = Depends(runtime)) -> Runtime:
-    rt.keys.check(request, "read")
-    return rt
-
-
 @router.get("/jobs/{job_id}/events", responses=SSE_DOC, response_model=None)
 async def job_events(
     job_id: JobId,
@@ -63,7 +58,7 @@ async def job_events(
         int | None,
         Query(ge=0, le=MAX_SEQ, description="Resume after this seq (like Last-Event-ID)."),
     ] = None,
-    rt: Runtime = Depends(_reader),
+    rt: Runtime = scoped("read"),
 ) -> Response:
     """A job's events: the stored ones after `Last-Event-ID` (or `after`), then live ones;
     the stream ends after the final event (`succeeded`, `failed`, `cancelled`). Resuming
@@ -97,7 +92,7 @@ async def firehose(
     queue: Annotated[list[str] | None, Query(description="Only these queues.")] = None,
     kind: Annotated[list[str] | None, Query(description="Only these kinds.")] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    rt: Runtime = Depends(_reader),
+    rt: Runtime = scoped("read"),
 ) -> Response:
     """Every job's events from now on (or after `Last-Event-ID`, an `XID-ID` as sent in
     the `id:` field), filterable by queue and kind (each may repeat)."""
@@ -143,16 +138,12 @@ async def _stream(rt: Runtime, sub: Subscription, *, firehose: bool) -> Response
     # connections; `EventStream` forgets it however the response ends.
     await rt.hub.subscribe(sub)
 
-    async def events() -> AsyncIterator[ServerSentEvent]:
+    async def events() -> AsyncIterator[ServerSentEvent | bytes]:
         try:
             yield ServerSentEvent(comment="tierline", retry=RECONNECT_MS)
             async for ev in sub.events():
                 metrics.SSE_EVENTS.inc()
-                yield ServerSentEvent(
-                    data=json.dumps(ev.payload(), separators=(",", ":"), default=str),
-                    event=ev.type,
-                    id=ev.firehose_id if firehose else str(ev.seq),
-                )
+                yield ev.frame(firehose)
         except StreamClosed:
             pass  # EventStream logs it
         finally:
@@ -165,6 +156,7 @@ async def _stream(rt: Runtime, sub: Subscription, *, firehose: bool) -> Response
         events(),
         headers=headers,
         ping=rt.settings.sse_heartbeat_s,
+        sep=SEP,  # the frames come encoded with it
         send_timeout=SEND_TIMEOUT_S,
     )
 
