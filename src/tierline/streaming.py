@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
@@ -44,6 +45,7 @@ V = TypeVar("V")
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
 PAGE = 500
 MAX_SEQ = 2**31 - 1  # job_events.seq is an integer
+SEP = "\r\n"  # the line separator of the SSE frames
 _FIREHOSE_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 _MAX_XID = 2**64 - 1  # xid8 is unsigned 64-bit
 _MAX_ID = 2**63 - 1  # job_events.id is a bigint
@@ -60,6 +62,7 @@ class Event:
     at: str
     xid: int = 0
     id: int = 0
+    _frames: dict[bool, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Event:
@@ -89,6 +92,18 @@ class Event:
     @property
     def firehose_id(self) -> str:
         return f"{self.xid}-{self.id}"
+
+    def frame(self, firehose: bool) -> bytes:
+        """The event as an SSE frame, encoded once however many streams send it (the
+        hub hands one ``Event`` to every subscriber of its job)."""
+        cached = self._frames.get(firehose)
+        if cached is None:
+            # Compact JSON has no line breaks, so the data fits one `data:` line.
+            data = json.dumps(self.payload(), separators=(",", ":"), default=str)
+            eid = self.firehose_id if firehose else str(self.seq)
+            cached = f"id: {eid}{SEP}event: {self.type}{SEP}data: {data}{SEP}{SEP}".encode()
+            self._frames[firehose] = cached
+        return cached
 
 
 def parse_firehose_id(value: str) -> tuple[int, int]:
