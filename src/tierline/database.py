@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg.rows import DictRow, dict_row
@@ -109,7 +111,8 @@ def make_pool(
             "application_name": f"tierline-{name}",
             "connect_timeout": max(1, round(settings.db_connect_timeout_s)),
         },
-        check=AsyncConnectionPool.check_connection,
+        check=check_if_idle,
+        reset=_mark_returned,
     )
 
 
@@ -117,6 +120,26 @@ def make_pool(
 async def transaction(pool: AsyncConnectionPool[Conn]) -> AsyncIterator[Conn]:
     async with pool.connection() as conn, conn.transaction():
         yield conn
+
+
+# When each pooled connection was last handed back (it was healthy then).
+_RETURNED: WeakKeyDictionary[Any, float] = WeakKeyDictionary()
+CHECK_IDLE_AFTER_S = 1.0
+
+
+async def check_if_idle(conn: Conn) -> None:
+    """Pool checkout check: a round trip only for connections idle longer than
+    ``CHECK_IDLE_AFTER_S`` (those are the ones a restart or idle timeout may have
+    killed); a busy pool pays nothing. A recently used connection that died anyway fails
+    its statement, which the callers retry or report as 503."""
+    last = _RETURNED.get(conn)
+    if last is not None and time.monotonic() - last < CHECK_IDLE_AFTER_S:
+        return
+    await AsyncConnectionPool.check_connection(conn)
+
+
+async def _mark_returned(conn: Conn) -> None:
+    _RETURNED[conn] = time.monotonic()
 
 
 def _first_line(exc: BaseException) -> str:
