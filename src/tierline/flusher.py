@@ -9,13 +9,14 @@ batches grow with load and latency stays low when idle.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from tierline import metrics
+from tierline import logs, metrics
 from tierline.database import Conn, backoff_delays, describe_error
 from tierline.logs import get_logger
 from tierline.queries import QUERIES
@@ -59,6 +60,16 @@ class Flusher:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+
+    @staticmethod
+    @functools.cache
+    def _finished(queue: str, outcome: str) -> Any:
+        return metrics.JOBS_FINISHED.labels(queue, outcome)  # labels() is slow per job
+
+    @staticmethod
+    @functools.cache
+    def _duration(queue: str) -> Any:
+        return metrics.JOB_DURATION.labels(queue)
 
     def event(self, job_id: int, type_: str, data: dict[str, Any]) -> None:
         self.events.append((job_id, type_, data))
@@ -154,8 +165,9 @@ class Flusher:
             written = {r["id"] for r in rows}
             acked = [f for f in finishes if f.job_id in written]
             for f in acked:
-                metrics.JOBS_FINISHED.labels(f.queue, OUTCOME[f.state]).inc()
-                metrics.JOB_DURATION.labels(f.queue).observe(f.duration_s)
+                self._finished(f.queue, OUTCOME[f.state]).inc()
+                self._duration(f.queue).observe(f.duration_s)
+            logs.emit_batch(__name__, [outcome_record(f) for f in acked])
             lost = len(finishes) - len(acked)
             if lost:
                 log.warning(
@@ -165,3 +177,21 @@ class Flusher:
                 )
             if self.on_acked is not None:
                 self.on_acked(finishes)
+
+
+def outcome_record(f: Finish) -> tuple[str, str, dict[str, Any]]:
+    """One log line per acknowledged outcome: INFO, or WARNING when the job failed."""
+    fields: dict[str, Any] = {
+        "job_id": f.job_id,
+        "kind": f.kind,
+        "queue": f.queue,
+        "attempt": f.attempt,
+        "outcome": f.state,
+        "duration_s": round(f.duration_s, 4),
+    }
+    if f.state == "failed":
+        return "warning", "job failed", {**fields, "error": (f.error or {}).get("message")}
+    if f.state == "retrying":
+        fields.update(error=(f.error or {}).get("message"), retry_in_s=round(f.delay_s, 2))
+        return "info", "job will retry", fields
+    return "info", "job finished", fields

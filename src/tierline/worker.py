@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import random
 import time
 import traceback
@@ -236,7 +237,6 @@ class Worker:
         self.running.pop(run.job_id, None)
         self._slot_freed.set()
         self.flusher.finish(finish)
-        self._log_outcome(finish)
 
     async def _call(self, handler: Handler, ctx: JobContext, args: dict[str, Any]) -> Any:
         if handler.is_async:
@@ -265,27 +265,6 @@ class Worker:
         else:
             finish.state = "failed"
         return finish
-
-    def _log_outcome(self, f: Finish) -> None:
-        fields = {
-            "job_id": f.job_id,
-            "kind": f.kind,
-            "queue": f.queue,
-            "attempt": f.attempt,
-            "outcome": f.state,
-            "duration_s": round(f.duration_s, 4),
-        }
-        if f.state == "failed":
-            log.warning("job failed", error=(f.error or {}).get("message"), **fields)
-        elif f.state == "retrying":
-            log.info(
-                "job will retry",
-                error=(f.error or {}).get("message"),
-                retry_in_s=round(f.delay_s, 2),
-                **fields,
-            )
-        else:
-            log.info("job finished", **fields)
 
     def _acked(self, finishes: list[Finish]) -> None:
         for f in finishes:
@@ -379,8 +358,9 @@ class Worker:
 
 
 def _jsonable(value: Any) -> Any:
-    import json
-
+    """The handler's result, checked now so a bad one fails this attempt, not the batch."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
     try:
         json.dumps(value)
     except (TypeError, ValueError) as exc:
