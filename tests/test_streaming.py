@@ -140,7 +140,7 @@ def test_cut_twice_and_resumed_on_other_replicas_sees_every_event_once(
     webs = start_web(cluster, 3)
     start_worker(cluster)
     urls = [u for _, u in webs]
-    job = enqueue(urls[0], "progress", {"steps": 100, "delay": 0.05})
+    job = enqueue(urls[0], "progress", {"steps": 100, "delay": 0.08})
 
     first, ended = read_stream(urls[0], f"/v1/jobs/{job}/events", limit=30)
     assert not ended
@@ -387,7 +387,7 @@ def test_listen_connection_killed_mid_stream_loses_nothing(cluster: Cluster, db_
     fire_thread = threading.Thread(target=firehose, daemon=True)
     fire_thread.start()
     wait_for(lambda: metric(url, "tierline_sse_streams_active") == 1, 10, "the firehose")
-    job = enqueue(url, "progress", {"steps": 60, "delay": 0.05})
+    job = enqueue(url, "progress", {"steps": 60, "delay": 0.08})
     killed: list[int] = []
 
     def kill_listen() -> None:
