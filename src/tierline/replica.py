@@ -189,33 +189,42 @@ class Replica:
         # like any request, but longer, because a lapsed lease would hand connections this
         # replica still holds to another replica.
         wait_s = max(self.settings.db_pool_timeout_s, self.settings.replica_lease_s / 2)
-        try:
-            async with self.pool.connection(timeout=wait_s) as conn:
-                cur = await conn.execute(
-                    QUERIES["heartbeat"],
-                    {
-                        "id": self.id,
-                        "stats": Jsonb(self.snapshot()),
-                        "ready": self.ready,
-                        "reason": self.reason or None,
-                    },
+        for attempt in (1, 2):
+            used: Conn | None = None
+            try:
+                async with self.pool.connection(timeout=wait_s) as conn:
+                    used = conn
+                    cur = await conn.execute(
+                        QUERIES["heartbeat"],
+                        {
+                            "id": self.id,
+                            "stats": Jsonb(self.snapshot()),
+                            "ready": self.ready,
+                            "reason": self.reason or None,
+                        },
+                    )
+                    alive = await cur.fetchone()
+                self.healthy_db = True
+                if self.reason.startswith("database unreachable"):
+                    self.ready, self.reason = True, ""
+                break
+            except PoolTimeout:
+                log.warning(
+                    "heartbeat found no free pool connection; the pool is saturated",
+                    waited_s=wait_s,
+                    pool=self.pool_snapshot(),
                 )
-                alive = await cur.fetchone()
-            self.healthy_db = True
-            if self.reason.startswith("database unreachable"):
-                self.ready, self.reason = True, ""
-        except PoolTimeout:
-            log.warning(
-                "heartbeat found no free pool connection; the pool is saturated",
-                waited_s=wait_s,
-                pool=self.pool_snapshot(),
-            )
-            return
-        except Exception as exc:
-            self.healthy_db = False
-            self.ready, self.reason = False, f"database unreachable: {describe_error(exc)}"
-            log.warning("heartbeat failed", error=describe_error(exc))
-            return
+                return
+            except Exception as exc:
+                # One pooled connection that died under the heartbeat (terminated by an
+                # admin, a failover) says nothing of the database: one more try on a fresh
+                # connection before the replica turns not ready.
+                if attempt == 1 and used is not None and used.broken:
+                    continue
+                self.healthy_db = False
+                self.ready, self.reason = False, f"database unreachable: {describe_error(exc)}"
+                log.warning("heartbeat failed", error=describe_error(exc))
+                return
         if alive is None:
             # Our lease ran out (a long outage or pause): the claim is void; make it again.
             log.warning("replica lease lapsed; claiming the budget again")

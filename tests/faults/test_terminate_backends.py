@@ -107,11 +107,10 @@ def test_terminated_connections_are_replaced_transparently(cluster: Cluster, db_
     # Nothing failed on the server side; what clients saw is reported.
     assert 500 not in load.tally.statuses, summary
     assert set(load.tally.statuses) <= {200, 202, 503}, summary
-    # Reads and keyed enqueues are repeated on a fresh connection when theirs is
-    # terminated, so clients see (almost) nothing; a 503 remains possible when the
-    # heartbeat's own connection is the one terminated (not ready for a heartbeat).
-    total = sum(load.tally.statuses.values())
-    assert load.tally.statuses.get(503, 0) <= total * 0.01, summary
+    # Reads, keyed enqueues and heartbeats run once more on a fresh connection when theirs
+    # is terminated, so clients see nothing (two terminations in a row on the same path
+    # could still show as one 503: tolerated, and reported).
+    assert load.tally.statuses.get(503, 0) <= 2, summary
     assert not load.tally.errors, summary
     for proc in [web, *(p for p, _ in workers)]:
         assert proc.proc.poll() is None, "a replica died"
