@@ -511,7 +511,7 @@ def test_tiers_run_as_their_roles_end_to_end(
         for r in query(
             db_url,
             "SELECT usename FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name LIKE 'tierline-%%'",
+            "AND application_name LIKE 'tierline-%'",
         )
     }
     assert users == set(role_names.values()), users
