@@ -14,10 +14,12 @@ behind a cursor. See ``firehose_after`` in ``sql/queries.sql``.
 Why nothing is lost or repeated: whatever the hub read before a subscriber registered was
 committed (or, for the firehose, became visible) before the subscriber's replay began, so
 the replay holds it; whatever the hub reads afterwards is pushed to the subscriber, which
-drops what its replay already sent. If the buffer fills while the subscriber is still
-replaying (a client catching up on a long history), the pushed events are discarded and
-the replay simply runs again from where it got to: the database is the buffer. Once live,
-a full buffer means the client reads too slowly: its stream ends and it may resume.
+drops what its replay already sent. A subscriber buffers at most
+``TIERLINE_SSE_BUFFER_EVENTS`` events (and replays a page no larger): when the buffer
+fills while its stream waits for the client's socket, the client reads too slowly and
+its connection is cut (it may resume); when it fills otherwise (a burst, or a client
+catching up on a long history), the buffer is dropped and the stream reads those events
+from the database instead: the database is the buffer.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ _MAX_ID = 2**63 - 1  # job_events.id is a bigint
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """One stored job event, as the streams send it."""
+
     job_id: int
     seq: int
     type: str
@@ -79,6 +83,7 @@ class Event:
         )
 
     def payload(self) -> dict[str, Any]:
+        """The event's JSON (the `data:` of its SSE frame)."""
         return {
             "job_id": self.job_id,
             "seq": self.seq,
