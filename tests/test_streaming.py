@@ -668,6 +668,30 @@ def test_slow_client_is_cut_off_and_resumes(cluster: Cluster) -> None:
     assert len(first + rest) == 3003
 
 
+def test_bursts_beyond_the_buffer_reach_a_fast_client_without_a_cut(cluster: Cluster) -> None:
+    # A buffer of 10 events, and a job whose events reach the database in batches of
+    # dozens: a client that keeps reading gets them all (from the database when a burst
+    # overflows its buffer) and is never taken for a slow one.
+    [(_, url)] = start_web(cluster, TIERLINE_APP=TEST_APP, TIERLINE_SSE_BUFFER_EVENTS=10)
+    job = enqueue(url, "chatty", {"events": 600, "size": 50, "pause": 0.02})
+    with httpx.Client(timeout=httpx.Timeout(10, read=60)) as client:
+        parser = SSEParser()
+        events: list[StreamEvent] = []
+        with client.stream("GET", f"{url}/v1/jobs/{job}/events") as resp:
+            for line in resp.iter_lines():
+                ev = parser.feed(line)
+                if ev is None:
+                    continue
+                events.append(ev)
+                if len(events) == 1:  # live before the job runs
+                    start_worker(cluster, TIERLINE_APP=TEST_APP)
+                if ev.type == "succeeded":
+                    break
+    assert_exactly_once(events)
+    assert len(events) == 603
+    assert metric(url, "tierline_sse_slow_clients_disconnected_total") == 0
+
+
 def test_sigterm_ends_streams_cleanly_and_exits_zero(cluster: Cluster) -> None:
     [(web, url)] = start_web(cluster)
     job = enqueue(url, "progress", {"steps": 2})  # stays available: the stream would idle
