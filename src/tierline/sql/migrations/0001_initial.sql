@@ -25,7 +25,7 @@ CREATE TABLE tierline.jobs (
     finished_at      timestamptz,
     CONSTRAINT jobs_state_check CHECK (state IN
         ('scheduled', 'available', 'running', 'retrying', 'succeeded', 'failed', 'cancelled'))
-);
+) WITH (fillfactor = 80);  -- room on each page for HOT updates (progress, leases, event_seq)
 
 -- The claim query walks this index: waiting jobs of a queue by priority, due time, id.
 CREATE INDEX jobs_waiting_idx ON tierline.jobs (queue, priority DESC, run_at, id)
