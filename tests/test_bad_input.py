@@ -209,6 +209,13 @@ def assert_clean_4xx(name: str, status: int, headers: Any, body: bytes) -> None:
     assert isinstance(error["message"], str) and len(error["message"]) < 5000, name
 
 
+def assert_clean_log(proc: Proc) -> None:
+    """No bug reported by the process: no unhandled error, traceback or warning."""
+    log = proc.output()
+    for sign in ("unhandled error", "Traceback", "Exception in ASGI application", "Warning:"):
+        assert sign not in log, f"{sign!r} in the log:\n{log[-3000:]}"
+
+
 def test_hostile_input_is_refused_with_a_json_4xx(web: tuple[Proc, str], module_db: str) -> None:
     proc, url = web
     before = query(module_db, "SELECT count(*) AS n FROM tierline.jobs")[0]["n"]
@@ -226,9 +233,7 @@ def test_hostile_input_is_refused_with_a_json_4xx(web: tuple[Proc, str], module_
     assert after == before, "a refused request left a job behind"
     # Every listing still works (no row that cannot be read back got in).
     assert httpx.get(f"{url}/v1/jobs?limit=500").status_code == 200
-    log = proc.output()
-    assert "unhandled error" not in log and "Traceback" not in log, log[-3000:]
-    assert "Exception in ASGI application" not in log, log[-3000:]
+    assert_clean_log(proc)
     report("hostile_input", cases=len(HOSTILE) + len(RAW), server_errors=0)
 
 
@@ -422,7 +427,7 @@ def test_schemathesis_without_keys(web: tuple[Proc, str]) -> None:
     figures = _fuzz(url, {})
     assert figures["operations"] >= 10
     assert "500" not in figures["statuses"]
-    assert "unhandled error" not in proc.output()
+    assert_clean_log(proc)
     report("schemathesis", keys=False, **figures)
 
 
@@ -434,5 +439,5 @@ def test_schemathesis_with_keys(keyed_web: tuple[Proc, str]) -> None:
     assert (
         sum(n for code, n in figures["statuses"].items() if code != "401") > figures["cases"] // 2
     )
-    assert "unhandled error" not in proc.output()
+    assert_clean_log(proc)
     report("schemathesis", keys=True, **figures)

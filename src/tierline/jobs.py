@@ -113,6 +113,10 @@ class Job(BaseModel):
     def from_row(cls, row: dict[str, Any]) -> Job:
         values: dict[str, Any] = {k: row.get(k) for k in cls.model_fields}
         values["cancel_requested"] = row.get("cancel_requested_at") is not None
+        # The enum, not the text: serialising a str where the model says State makes
+        # pydantic warn, and each distinct warning text stays in the warnings registry.
+        if isinstance(values["state"], str):
+            values["state"] = State(values["state"])
         return cls.model_construct(**values)
 
 

@@ -13,7 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from tierline import metrics
 from tierline.database import Conn
 from tierline.errors import InvalidTransition, JobNotFound
-from tierline.jobs import Job, JobRequest
+from tierline.jobs import Job, JobRequest, State
 from tierline.queries import QUERIES
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ def _new_job(row: dict[str, Any], r: dict[str, Any]) -> Job:
         id=r["id"],
         kind=row["kind"],
         queue=row["queue"],
-        state=r["state"],
+        state=State(r["state"]),
         args=row["args"],
         priority=row["priority"],
         attempt=0,
