@@ -54,6 +54,7 @@ class Replica:
         self.stats = stats or (lambda: {})
         self.pool_need = pool_need
         self.healthy_db = True
+        self._connect_errors = 0  # the pool's failed connection attempts, at the last beat
         metrics.POOLS.source = self.pool_snapshot
 
     # -- start-up -----------------------------------------------------------------------------
@@ -205,10 +206,21 @@ class Replica:
                     )
                     alive = await cur.fetchone()
                 self.healthy_db = True
+                self._connect_errors = self.pool.get_stats().get("connections_errors", 0)
                 if self.reason.startswith("database unreachable"):
                     self.ready, self.reason = True, ""
                 break
             except PoolTimeout:
+                failed = self.pool.get_stats().get("connections_errors", 0)
+                if failed > self._connect_errors:
+                    # The pool's own connection attempts fail meanwhile: the database is
+                    # unreachable, not busy (a saturated pool opens no new connections).
+                    self._connect_errors = failed
+                    self.healthy_db = False
+                    self.ready = False
+                    self.reason = "database unreachable: the pool cannot open connections"
+                    log.warning("heartbeat failed", error=self.reason, waited_s=wait_s)
+                    return
                 log.warning(
                     "heartbeat found no free pool connection; the pool is saturated",
                     waited_s=wait_s,
