@@ -165,6 +165,7 @@ class OwnPostgres:
 
 
 # -- load ------------------------------------------------------------------------------------
+# What a load balancer retries: refused, reset, or closed before the response.
 RETRYABLE_EXC = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
 
 
@@ -238,7 +239,6 @@ class Load:
         self.headers = headers or {}
         self.tally = Tally()
         self.stop_event = threading.Event()
-        self.pending: set[str] = set()  # keys sent but not yet acknowledged
         self._counter = itertools.count()
         self._workers: list[threading.Thread] = []
         self.run_id = uuid.uuid4().hex[:6]
@@ -284,13 +284,11 @@ class Load:
             while not self.stop_event.is_set():
                 key = f"{self.run_id}-{index}-{next(self._counter)}"
                 body = {"kind": self.kind, "args": {"token": key}, "idempotency_key": key}
-                self.pending.add(key)
                 while True:
                     r = self._call(client, "POST", "/v1/jobs", json=body)
                     if isinstance(r, httpx.Response) and r.status_code in (200, 202):
                         with self.tally.lock:
                             self.tally.accepted[key] = int(r.json()["id"])
-                        self.pending.discard(key)
                         break
                     if not self.retry or self.stop_event.wait(0.2):
                         break  # unacknowledged: the caller checks it with its key

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.support import TEST_APP, Load, keys_in_db, report
+from tests.faults.support import RETRYABLE_EXC, TEST_APP, Load, keys_in_db, report
 from tests.helpers import Cluster, Proc, base_env, free_port, query, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -100,7 +100,7 @@ def test_rolling_every_replica_under_load_loses_nothing(
         assert not bad, f"{name}: 5xx a load balancer would not retry: {summaries[name]}"
         for code in load.tally.codes:  # 503s come from replicas not ready (yet, or any more)
             assert not code.startswith("5") or code.startswith("503 "), summaries[name]
-        assert set(load.tally.errors) <= {"ConnectError", "RemoteProtocolError", "ReadError"}
+        assert set(load.tally.errors) <= {e.__name__ for e in RETRYABLE_EXC}, summaries[name]
     report(
         "rollout",
         replaced={"web": 2, "worker": 2},
