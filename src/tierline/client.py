@@ -92,6 +92,43 @@ def _check(resp: httpx.Response) -> None:
         raise ClientError(message, resp.status_code)
 
 
+class _Following:
+    """Where a ``follow`` stands (shared by both clients): the resume position, the
+    events seen, and the reconnect budget with its backoff."""
+
+    def __init__(self, job_id: int, after: int, max_events: int | None, retries: int) -> None:
+        self.job_id = job_id
+        self.last = str(after) if after else None
+        self.max_events = max_events
+        self.retries = retries
+        self.count = 0
+        self.failures = 0
+
+    def headers(self) -> dict[str, str]:
+        return {"Last-Event-ID": self.last} if self.last else {}
+
+    def seen(self, ev: StreamEvent) -> bool:
+        """Record an event; True when the stream is complete."""
+        self.failures = 0
+        self.last = ev.id or self.last
+        self.count += 1
+        return ev.type in FINAL or bool(self.max_events and self.count >= self.max_events)
+
+    def retryable(self, exc: ClientError) -> None:
+        """Re-raise refusals; 502/503/504 are worth another replica."""
+        if exc.status not in (502, 503, 504):
+            raise exc
+
+    def failed(self) -> float:
+        """Count a failed connection; the delay before the next, or give up."""
+        self.failures += 1
+        if self.failures > self.retries:
+            raise ClientError(
+                f"gave up following job {self.job_id} after {self.retries} failed reconnects"
+            )
+        return min(5.0, 0.1 * 2.0 ** min(self.failures, 6))
+
+
 class Client:
     """Synchronous client. ``url``: one web replica, or several to rotate through on
     reconnect. ``stream_timeout``: seconds without a byte on a stream (heartbeats count)
@@ -144,16 +181,13 @@ class Client:
         self, job_id: int, *, after: int = 0, max_events: int | None = None
     ) -> Iterator[StreamEvent]:
         """A job's events from ``after`` to its final event, resuming on disconnects."""
-        last = str(after) if after else None
-        failures = 0
-        seen = 0
+        state = _Following(job_id, after, max_events, self.retries)
         while True:
-            headers = {"Last-Event-ID": last} if last else {}
             try:
                 with self.http.stream(
                     "GET",
                     f"{self.url}/v1/jobs/{job_id}/events",
-                    headers=headers,
+                    headers=state.headers(),
                     timeout=self.stream_timeout,
                 ) as resp:
                     if resp.status_code >= 400:
@@ -164,27 +198,18 @@ class Client:
                     parser = SSEParser()
                     for line in resp.iter_lines():
                         ev = parser.feed(line)
-                        if ev is None:
-                            continue
-                        failures = 0
-                        last = ev.id or last
-                        seen += 1
-                        yield ev
-                        if ev.type in FINAL or (max_events and seen >= max_events):
-                            return
+                        if ev is not None:
+                            yield ev
+                            if state.seen(ev):
+                                return
             except ClientError as exc:
-                if exc.status not in (502, 503, 504):
-                    raise
+                state.retryable(exc)
             except (httpx.HTTPError, OSError):
                 pass
-            failures += 1
-            if failures > self.retries:
-                raise ClientError(
-                    f"gave up following job {job_id} after {self.retries} failed reconnects"
-                )
+            delay = state.failed()
             self.reconnects += 1
             self.url = next(self._next)
-            time.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+            time.sleep(delay)
 
 
 class AsyncClient:
@@ -236,16 +261,13 @@ class AsyncClient:
     async def follow(
         self, job_id: int, *, after: int = 0, max_events: int | None = None
     ) -> AsyncIterator[StreamEvent]:
-        last = str(after) if after else None
-        failures = 0
-        seen = 0
+        state = _Following(job_id, after, max_events, self.retries)
         while True:
-            headers = {"Last-Event-ID": last} if last else {}
             try:
                 async with self.http.stream(
                     "GET",
                     f"{self.url}/v1/jobs/{job_id}/events",
-                    headers=headers,
+                    headers=state.headers(),
                     timeout=self.stream_timeout,
                 ) as resp:
                     if resp.status_code >= 400:
@@ -256,24 +278,15 @@ class AsyncClient:
                     parser = SSEParser()
                     async for line in resp.aiter_lines():
                         ev = parser.feed(line)
-                        if ev is None:
-                            continue
-                        failures = 0
-                        last = ev.id or last
-                        seen += 1
-                        yield ev
-                        if ev.type in FINAL or (max_events and seen >= max_events):
-                            return
+                        if ev is not None:
+                            yield ev
+                            if state.seen(ev):
+                                return
             except ClientError as exc:
-                if exc.status not in (502, 503, 504):
-                    raise
+                state.retryable(exc)
             except (httpx.HTTPError, OSError):
                 pass
-            failures += 1
-            if failures > self.retries:
-                raise ClientError(
-                    f"gave up following job {job_id} after {self.retries} failed reconnects"
-                )
+            delay = state.failed()
             self.reconnects += 1
             self.url = next(self._next)
-            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+            await asyncio.sleep(delay)
