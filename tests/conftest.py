@@ -194,3 +194,18 @@ def cluster(db_url: str, tmp_path: Any) -> Iterator[Any]:
     c = Cluster(db_url, tmp_path)
     yield c
     c.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """A headless Chromium (Playwright, the system's binary), closed after the test."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.helpers import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()

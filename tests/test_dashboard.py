@@ -6,28 +6,16 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.helpers import ARTIFACTS, Cluster, wait_for
+from tests.helpers import ARTIFACTS, CHROMIUM, Cluster, wait_for
 
 TEST_APP = "tests.jobs_app:app"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 needs_chromium = pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="chromium not installed (scripts/system-deps)"
 )
@@ -74,18 +62,6 @@ class Feeder:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(timeout=15)
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def watch_console(page: Any) -> list[str]:

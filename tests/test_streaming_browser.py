@@ -6,26 +6,13 @@ a 204: the stream ids and the 204 after the final event must fit that behaviour.
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.helpers import Cluster, Proc, base_env, free_port, wait_for
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from tests.helpers import CHROMIUM, Cluster, Proc, base_env, free_port, wait_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -49,18 +36,6 @@ FOLLOW = """(path) => {
     });
   }
 }"""
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def web_on(cluster: Cluster, port: int, **env: Any) -> Proc:
