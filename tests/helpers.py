@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
+from bench.common import free_port  # one port picker for the tests and the benchmarks
 from psycopg.rows import dict_row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,12 +69,6 @@ def wait_for(
         f"timed out after {timeout}s waiting for {what}"
         + (f" (last error: {last_exc!r})" if last_exc else "")
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Proc:

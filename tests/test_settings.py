@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -83,4 +84,39 @@ def test_cli_exits_2_with_one_line_and_no_traceback(command: list[str]) -> None:
     assert proc.stderr.strip().splitlines() == [
         "tierline: error: TIERLINE_WORKER_CONCURRENCY='lots': expected a whole number"
     ]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "variable"),
+    [(["web"], "TIERLINE_WEB_PORT"), (["worker"], "TIERLINE_WORKER_METRICS_PORT")],
+)
+def test_a_port_in_use_is_one_line_naming_the_variable(
+    command: list[str], variable: str, db_url: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            "TIERLINE_DATABASE_URL": db_url,
+            "TIERLINE_APP": "tests.jobs_app:app",
+            "TIERLINE_WEB_HOST": "127.0.0.1",
+            "TIERLINE_WORKER_METRICS_HOST": "127.0.0.1",
+            "TIERLINE_STARTUP_JITTER_S": "0",
+            variable: str(port),
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT),
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "tierline", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"tierline: error: cannot listen on 127.0.0.1:{port} ({variable}): Address already in use"
+    )
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -53,3 +53,7 @@ class InvalidTransition(TierlineError):
 
 class AppLoadError(TierlineError):
     """The application could not be loaded."""
+
+
+class ListenError(TierlineError):
+    """A tier could not listen on its address."""

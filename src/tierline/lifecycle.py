@@ -13,6 +13,7 @@ from collections.abc import Generator
 
 import uvicorn
 
+from tierline.errors import ListenError
 from tierline.logs import get_logger
 
 log = get_logger(__name__)
@@ -48,15 +49,22 @@ class QuietServer(uvicorn.Server):
         yield
 
 
-def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+def listen_socket(host: str, port: int, *, setting: str, reuse_port: bool = False) -> socket.socket:
     """A bound, listening TCP socket; ``reuse_port`` lets replicas share a port (the
-    kernel balances connections between them)."""
+    kernel balances connections between them). A port that cannot be bound raises
+    ``ListenError`` naming ``setting``, the variable that chose it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(
+            f"cannot listen on {host}:{port} ({setting}): {exc.strerror or exc}"
+        ) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

@@ -13,13 +13,13 @@ from starlette.routing import Route
 
 from tierline import budget, health
 from tierline.app import App
-from tierline.lifecycle import QuietServer, Shutdown
+from tierline.lifecycle import QuietServer, Shutdown, listen_socket
 from tierline.logs import get_logger
 from tierline.notifications import Listener
 from tierline.queue import Queue
 from tierline.recommend import Recommender
 from tierline.replica import Replica
-from tierline.settings import Settings
+from tierline.settings import Settings, env_name
 from tierline.stats import Stats
 from tierline.worker import Worker
 
@@ -70,19 +70,23 @@ async def run_worker(app: App, settings: Settings) -> int:
                     Route("/readyz", lambda _: health.readyz(readiness)),
                 ]
             ),
-            host=settings.worker_metrics_host,
-            port=settings.worker_metrics_port,
             log_level="warning",
             lifespan="off",
             access_log=False,
         )
     )
-    server_task = asyncio.create_task(server.serve(), name="metrics-listener")
+    sock = listen_socket(
+        settings.worker_metrics_host,
+        settings.worker_metrics_port,
+        setting=env_name("worker_metrics_port"),
+    )
+    server_task = asyncio.create_task(server.serve(sockets=[sock]), name="metrics-listener")
+    host, port = sock.getsockname()[:2]
     log.info(
         "worker starting",
         queues=queues,
         concurrency=settings.worker_concurrency,
-        metrics=f"http://{settings.worker_metrics_host}:{settings.worker_metrics_port}",
+        metrics=f"http://{host}:{port}",
     )
 
     if not await replica.start(shutdown.stop):

@@ -14,7 +14,7 @@ from tierline.logs import get_logger
 from tierline.notifications import Listener
 from tierline.queue import Queue
 from tierline.replica import Replica
-from tierline.settings import Settings
+from tierline.settings import Settings, env_name
 from tierline.stats import Stats
 from tierline.streaming import EventHub
 from tierline.web.app import create_app
@@ -48,7 +48,12 @@ async def run_web(
     # web tier out never sends a request to a replica that would answer 503 "starting".
     started = await replica.start(shutdown.stop) if reuse_port else None
     if sock is None:
-        sock = listen_socket(settings.web_host, settings.web_port, reuse_port=reuse_port)
+        sock = listen_socket(
+            settings.web_host,
+            settings.web_port,
+            setting=env_name("web_port"),
+            reuse_port=reuse_port,
+        )
     server = QuietServer(
         uvicorn.Config(
             api,
