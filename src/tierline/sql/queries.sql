@@ -37,20 +37,23 @@ WHERE %(idempotency_key)s::text IS NOT NULL AND j.idempotency_key = %(idempotenc
 
 -- name: enqueue_batch
 -- Many jobs in one statement; rows come back in input order (`ord`), slim: what a new
--- row adds to its input (id, state, times); the caller reads repeated keys' jobs whole. The batch arrives as
--- one JSON array (one parse on each side instead of one per value). Duplicate keys within
--- one batch are removed by the caller; a key committed concurrently leaves a row out and
--- the caller retries the whole transaction.
+-- row adds to its input (id, state, times); the caller reads repeated keys' jobs whole.
+-- The batch arrives as one JSON array, turned into typed rows by one
+-- `jsonb_to_recordset` (one parse on each side instead of one per value). Duplicate keys
+-- within one batch are removed by the caller; a key committed concurrently leaves a row
+-- out and the caller retries the whole transaction. An existing job is looked up by its
+-- key only for a row that was not inserted (an index probe, never a scan of the table).
 WITH u AS (
     SELECT e.ord, nextval(pg_get_serial_sequence('tierline.jobs', 'id')) AS id,
-           e.j->>'queue' AS queue, e.j->>'kind' AS kind, coalesce(e.j->'args', '{}') AS args,
-           coalesce((e.j->>'priority')::smallint, 0) AS priority,
-           coalesce((e.j->>'run_at')::timestamptz,
-                    now() + make_interval(secs => (e.j->>'delay_s')::float8)) AS run_at,
-           (e.j->>'max_attempts')::int AS max_attempts,
-           (e.j->>'timeout_s')::float8 AS timeout_s,
-           e.j->>'idempotency_key' AS idempotency_key
-    FROM jsonb_array_elements(%(batch)s::jsonb) WITH ORDINALITY AS e(j, ord)
+           e.queue, e.kind, coalesce(e.args, '{}') AS args,
+           coalesce(e.priority, 0) AS priority,
+           coalesce(e.run_at, now() + make_interval(secs => e.delay_s)) AS run_at,
+           e.max_attempts, e.timeout_s, e.idempotency_key
+    FROM ROWS FROM (jsonb_to_recordset(%(batch)s::jsonb) AS (
+        queue text, kind text, args jsonb, priority smallint, run_at timestamptz,
+        delay_s float8, max_attempts int, timeout_s float8, idempotency_key text
+    )) WITH ORDINALITY AS e(queue, kind, args, priority, run_at, delay_s, max_attempts,
+                           timeout_s, idempotency_key, ord)
 ), ins AS (
     INSERT INTO tierline.jobs
         (id, queue, kind, args, state, priority, run_at, max_attempts, timeout_s,
@@ -79,7 +82,11 @@ SELECT u.ord, coalesce(ins.id, e.id) AS id, ins.id IS NOT NULL AS created,
        coalesce(ins.created_at, e.created_at) AS created_at
 FROM u
 LEFT JOIN ins ON ins.id = u.id
-LEFT JOIN tierline.jobs e ON ins.id IS NULL AND e.idempotency_key = u.idempotency_key
+LEFT JOIN LATERAL (
+    SELECT j.id, j.state, j.run_at, j.created_at FROM tierline.jobs j
+    WHERE ins.id IS NULL AND u.idempotency_key IS NOT NULL
+      AND j.idempotency_key = u.idempotency_key
+) e ON true
 WHERE (SELECT count(*) FROM notified) >= 0
 ORDER BY u.ord;
 
