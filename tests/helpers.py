@@ -75,7 +75,13 @@ class Proc:
     """A real ``tierline`` process with its own environment and log file."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str], log: Path, *, prefix: Sequence[str] = ()
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log: Path,
+        *,
+        prefix: Sequence[str] = (),
+        cwd: Path | None = None,
     ) -> None:
         """``prefix`` runs before Python (e.g. a shell that joins a cgroup, then execs)."""
         self.args = args
@@ -83,6 +89,7 @@ class Proc:
         self.log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "tierline", *args],
+            cwd=cwd,
             env=env,
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
@@ -108,11 +115,21 @@ class Proc:
         self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, as an orchestrator stops it; its exit code."""
         self.signal(signal.SIGTERM)
+        return self._wait(timeout)
+
+    def interrupt(self, timeout: float = 60) -> int:
+        """Ctrl+C in a terminal: SIGINT to the whole process group; its exit code."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        return self._wait(timeout)
+
+    def _wait(self, timeout: float) -> int:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
             raise AssertionError(
                 f"{self.args[0]} did not stop within {timeout}s:\n" + self.output()[-3000:]

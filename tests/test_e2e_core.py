@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Cluster, base_env, free_port, query, wait_for
+from tests.helpers import Cluster, Proc, base_env, free_port, query, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -138,14 +134,7 @@ def test_up_on_embedded_database(tmp_path: Path) -> None:
     port = free_port()
     env = base_env("", TIERLINE_WEB_PORT=port, TIERLINE_WORKER_METRICS_PORT=free_port())
     del env["TIERLINE_DATABASE_URL"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tierline", "up", "--workers", "1"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    up = Proc(["up", "--workers", "1"], env, tmp_path / "up.log", cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(
@@ -166,13 +155,8 @@ def test_up_on_embedded_database(tmp_path: Path) -> None:
         assert job["result"] == {"hello": "world"}
         assert (tmp_path / ".tierline" / "pgdata").is_dir()
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-    text = out.decode(errors="replace")
+        code = up.interrupt()
+    text = up.output()
     assert "embedded PostgreSQL at" in text
-    assert proc.returncode == 0, text[-3000:]
+    assert code == 0, text[-3000:]
     assert "all replicas stopped" in text

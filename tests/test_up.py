@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.helpers import base_env, free_port, wait_for
+from tests.helpers import Proc, base_env, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -25,14 +23,7 @@ def alive_workers(url: str) -> list[dict[str, Any]]:
 def test_crashed_worker_is_restarted(tmp_path: Path, db_url: str) -> None:
     port = free_port()
     env = base_env(db_url, TIERLINE_WEB_PORT=port, TIERLINE_WORKER_METRICS_PORT=0)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tierline", "up", "--workers", "1"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    up = Proc(["up", "--workers", "1"], env, tmp_path / "up.log", cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
         first = wait_for(lambda: alive_workers(url), 60, "a live worker")[0]
@@ -50,12 +41,7 @@ def test_crashed_worker_is_restarted(tmp_path: Path, db_url: str) -> None:
             "a job on the restarted worker",
         )
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-    text = out.decode(errors="replace")
+        code = up.interrupt()
+    text = up.output()
     assert "replica exited unexpectedly; restarting" in text
-    assert proc.returncode == 0, text[-2000:]
+    assert code == 0, text[-2000:]
