@@ -196,6 +196,29 @@ def cluster(db_url: str, tmp_path: Any) -> Iterator[Any]:
     c.close()
 
 
+@pytest.fixture(scope="module")
+def module_db(server_url: str, template_db: str) -> Iterator[str]:
+    """One migrated database for a whole module (its processes outlive single tests)."""
+    from tests.faults.support import scratch_database
+
+    with scratch_database(server_url, template_db) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_cluster(
+    module_db: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Any]:
+    """``tierline`` processes shared by a module's tests, running the test app."""
+    from tests.faults.support import TEST_APP
+    from tests.helpers import Cluster
+
+    folder = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    c = Cluster(module_db, folder, TIERLINE_APP=TEST_APP)
+    yield c
+    c.close()
+
+
 @pytest.fixture
 def browser() -> Iterator[Any]:
     """A headless Chromium (Playwright, the system's binary), closed after the test."""

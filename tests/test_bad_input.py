@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from tests.faults.support import TEST_APP, report, scratch_database
+from tests.faults.support import report
 from tests.helpers import Cluster, Proc, query
 
 pytestmark = pytest.mark.e2e
@@ -26,29 +25,16 @@ KEY = "fuzz-key-1f4e8a7b"
 
 
 @pytest.fixture(scope="module")
-def module_db(server_url: str, template_db: str) -> Iterator[str]:
-    with scratch_database(server_url, template_db) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def procs(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = Cluster(module_db, tmp_path_factory.mktemp("bad-input"), TIERLINE_APP=TEST_APP)
-    yield cluster
-    cluster.close()
-
-
-@pytest.fixture(scope="module")
-def web(procs: Cluster) -> tuple[Proc, str]:
-    proc, url = procs.web()
-    procs.wait_ready(url, proc)
+def web(module_cluster: Cluster) -> tuple[Proc, str]:
+    proc, url = module_cluster.web()
+    module_cluster.wait_ready(url, proc)
     return proc, url
 
 
 @pytest.fixture(scope="module")
-def keyed_web(procs: Cluster) -> tuple[Proc, str]:
-    proc, url = procs.web(TIERLINE_API_KEYS=KEY)
-    procs.wait_ready(url, proc)
+def keyed_web(module_cluster: Cluster) -> tuple[Proc, str]:
+    proc, url = module_cluster.web(TIERLINE_API_KEYS=KEY)
+    module_cluster.wait_ready(url, proc)
     return proc, url
 
 
@@ -237,7 +223,7 @@ def test_hostile_input_is_refused_with_a_json_4xx(web: tuple[Proc, str], module_
     report("hostile_input", cases=len(HOSTILE) + len(RAW), server_errors=0)
 
 
-def test_odd_but_valid_input_round_trips(web: tuple[Proc, str], procs: Cluster) -> None:
+def test_odd_but_valid_input_round_trips(web: tuple[Proc, str], module_cluster: Cluster) -> None:
     """What is not hostile is stored and read back exactly: unicode, quotes, big numbers,
     nesting within the parser's limits; and a worker runs it."""
     _, url = web
@@ -263,8 +249,8 @@ def test_odd_but_valid_input_round_trips(web: tuple[Proc, str], procs: Cluster) 
         r2 = client.post(f"{url}/v1/jobs", json={"kind": "noop", "idempotency_key": key})
         assert (r1.status_code, r2.status_code) == (202, 200)
         assert r1.json()["id"] == r2.json()["id"] and r2.json()["idempotency_key"] == key
-    worker, wurl = procs.worker()
-    procs.wait_ready(wurl, worker)
+    worker, wurl = module_cluster.worker()
+    module_cluster.wait_ready(wurl, worker)
     with httpx.Client(timeout=30) as client:
 
         def done() -> bool:

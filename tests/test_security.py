@@ -17,7 +17,7 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from tests.faults.support import TEST_APP, OwnPostgres, migrate, scratch_database
+from tests.faults.support import TEST_APP, OwnPostgres, migrate
 from tests.helpers import Cluster, Proc, base_env, query, wait_for
 from tierline.web import auth
 from tierline.web.auth import KeyRing
@@ -61,31 +61,18 @@ LIMITS = {
 
 
 @pytest.fixture(scope="module")
-def module_db(server_url: str, template_db: str) -> Iterator[str]:
-    with scratch_database(server_url, template_db) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def procs(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = Cluster(module_db, tmp_path_factory.mktemp("security"), TIERLINE_APP=TEST_APP)
-    yield cluster
-    cluster.close()
-
-
-@pytest.fixture(scope="module")
-def secured(procs: Cluster) -> tuple[Proc, str]:
+def secured(module_cluster: Cluster) -> tuple[Proc, str]:
     """A web replica with keys, protected metrics and small limits."""
-    proc, url = procs.web(TIERLINE_API_KEYS=KEYS, TIERLINE_PROTECT_METRICS=1, **LIMITS)
-    procs.wait_ready(url, proc)
+    proc, url = module_cluster.web(TIERLINE_API_KEYS=KEYS, TIERLINE_PROTECT_METRICS=1, **LIMITS)
+    module_cluster.wait_ready(url, proc)
     return proc, url
 
 
 @pytest.fixture(scope="module")
-def open_web(procs: Cluster) -> tuple[Proc, str]:
+def open_web(module_cluster: Cluster) -> tuple[Proc, str]:
     """A web replica with the defaults: no keys, no CORS origins."""
-    proc, url = procs.web()
-    procs.wait_ready(url, proc)
+    proc, url = module_cluster.web()
+    module_cluster.wait_ready(url, proc)
     return proc, url
 
 
@@ -235,7 +222,7 @@ def test_dashboard_security_headers(open_web: tuple[Proc, str]) -> None:
 
 
 def test_cors_is_closed_by_default_and_open_only_to_listed_origins(
-    procs: Cluster, open_web: tuple[Proc, str]
+    module_cluster: Cluster, open_web: tuple[Proc, str]
 ) -> None:
     foreign = {"Origin": "https://evil.example"}
     preflight = {
@@ -249,8 +236,8 @@ def test_cors_is_closed_by_default_and_open_only_to_listed_origins(
     r = httpx.options(f"{url}/v1/jobs", headers=preflight)
     assert "access-control-allow-origin" not in r.headers and r.status_code >= 400
 
-    proc, cors_url = procs.web(TIERLINE_CORS_ORIGINS="https://ok.example")
-    procs.wait_ready(cors_url, proc)
+    proc, cors_url = module_cluster.web(TIERLINE_CORS_ORIGINS="https://ok.example")
+    module_cluster.wait_ready(cors_url, proc)
     r = httpx.get(f"{cors_url}/v1/jobs", headers=foreign)
     assert "access-control-allow-origin" not in r.headers
     r = httpx.options(f"{cors_url}/v1/jobs", headers=preflight)
@@ -266,7 +253,7 @@ def test_cors_is_closed_by_default_and_open_only_to_listed_origins(
     assert "*" not in r.headers["access-control-allow-origin"]
 
 
-def test_limits(secured: tuple[Proc, str], procs: Cluster, module_db: str) -> None:
+def test_limits(secured: tuple[Proc, str], module_cluster: Cluster, module_db: str) -> None:
     _, url = secured
     auth_h = {"Authorization": f"Bearer {FULL}"}
     with httpx.Client(headers=auth_h, timeout=10) as c:
@@ -292,8 +279,8 @@ def test_limits(secured: tuple[Proc, str], procs: Cluster, module_db: str) -> No
         r = c.post(f"{url}/v1/jobs", json={"kind": "progress_sync", "args": {"steps": 50}})
         assert r.status_code == 202
         job = r.json()["id"]
-    worker, wurl = procs.worker(**LIMITS)
-    procs.wait_ready(wurl, worker)
+    worker, wurl = module_cluster.worker(**LIMITS)
+    module_cluster.wait_ready(wurl, worker)
     wait_for(
         lambda: (
             query(module_db, "SELECT state FROM tierline.jobs WHERE id = %s", (job,))[0]["state"]
@@ -313,7 +300,7 @@ def test_limits(secured: tuple[Proc, str], procs: Cluster, module_db: str) -> No
 
 
 def test_keys_are_never_logged(
-    secured: tuple[Proc, str], procs: Cluster, job_id: int, tmp_path: Path
+    secured: tuple[Proc, str], module_cluster: Cluster, job_id: int, tmp_path: Path
 ) -> None:
     """Runs after the requests above (file order): every key, right or wrong, was sent."""
     _, url = secured
@@ -327,7 +314,7 @@ def test_keys_are_never_logged(
         timeout=30,
     )
     assert out.returncode == 0, out.stderr
-    texts = {p.log_path.name: p.output() for p in procs.procs}
+    texts = {p.log_path.name: p.output() for p in module_cluster.procs}
     texts["tierline config"] = out.stdout + out.stderr
     assert any("unauthorized" in t or "401" in t or "listening" in t for t in texts.values())
     for name, text in texts.items():
