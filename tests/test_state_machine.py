@@ -66,6 +66,7 @@ LEGAL = {
 }
 EXAMPLES = 50
 STEPS = 40
+MAX_ROUNDS = 3
 
 
 @dataclass
@@ -441,22 +442,26 @@ def test_job_state_machine(db_url: str) -> None:
     env = Env(db_url)
     JobMachine.env = env
     try:
-        run_state_machine_as_test(
-            JobMachine,
-            settings=settings(
-                max_examples=EXAMPLES,
-                stateful_step_count=STEPS,
-                deadline=None,
-                database=None,
-                suppress_health_check=list(HealthCheck),
-            ),
-        )
+        # The runs are random: one run usually exercises 14 to 16 of the 16 legal
+        # transitions, but now and then a run of short examples misses several (CI saw
+        # 12); another round then covers them, so the check below does not depend on luck.
+        for _round in range(MAX_ROUNDS):
+            run_state_machine_as_test(
+                JobMachine,
+                settings=settings(
+                    max_examples=EXAMPLES,
+                    stateful_step_count=STEPS,
+                    deadline=None,
+                    database=None,
+                    suppress_health_check=list(HealthCheck),
+                ),
+            )
+            if len(LEGAL - set(env.transitions)) <= 1:
+                break
     finally:
         env.close()
-    # The runs are random: nearly every legal transition must have been exercised (all
-    # 16 usually are; a few rare ones may be missed by one run).
     missing = LEGAL - set(env.transitions)
-    assert len(missing) <= 3, f"never exercised: {sorted(missing)}"
+    assert len(missing) <= 1, f"never exercised in {MAX_ROUNDS} rounds: {sorted(missing)}"
     report(
         "state_machine",
         examples=env.examples,
