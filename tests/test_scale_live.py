@@ -1,6 +1,7 @@
 """Live scaling: ``tierline scale worker=4`` during ``tierline up`` adds worker processes
 while the web process keeps its PID and answers every request; ``web=2`` then adds a web
-replica on the shared port without failing a request."""
+replica on the shared port without failing a request; scaling the web tier in and out
+repeatedly under load fails none either."""
 
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ def tier_pids(pid: int, tier: str) -> set[int]:
 class Poller(threading.Thread):
     """Calls the API back to back until stopped; counts answers and failures."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, *, keep_alive: bool = True) -> None:
         super().__init__(daemon=True)
         self.base = base
+        self.keep_alive = keep_alive
         self.stop = threading.Event()
         self.ok = 0
         self.failures: list[str] = []
@@ -60,7 +62,10 @@ class Poller(threading.Thread):
                 path = paths[i % len(paths)]
                 i += 1
                 try:
-                    reply = client.get(path) if i % 2 else httpx.get(self.base + path, timeout=5)
+                    if self.keep_alive and i % 2:
+                        reply = client.get(path)
+                    else:
+                        reply = httpx.get(self.base + path, timeout=5)
                 except httpx.HTTPError as exc:
                     self.failures.append(f"{path}: {exc!r}")
                     continue
@@ -183,3 +188,51 @@ def test_scale_workers_while_up(db_url: str, tmp_path: Path) -> None:
         code = up.stop(timeout=60)
     assert code == 0, up.output()[-3000:]
     assert children(up.pid) == {}
+
+
+def scale(env: dict[str, str], change: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tierline", "scale", change],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_scaling_the_web_tier_in_strands_no_connection(db_url: str, tmp_path: Path) -> None:
+    """The web replicas share the supervisor's listening socket: a replica that stops
+    leaves the connections queued on it to the others (with a socket each, the kernel
+    resets those). Clients here open a connection per request, as many do; a request on a
+    kept-alive connection that the stopping replica closes is the client's to retry."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = base_env(db_url, TIERLINE_WEB_PORT=port, TIERLINE_DATA_DIR=tmp_path / "data")
+    up = Proc(["up", "--web", "3", "--workers", "0"], env, tmp_path / "up.log")
+    pollers = [Poller(base, keep_alive=False) for _ in range(8)]
+    try:
+        wait_for(lambda: len(alive(cluster(base), "web")) == 3, 60, "3 web replicas", interval=0.2)
+        for poller in pollers:
+            poller.start()
+        for n in (1, 3, 1, 3):
+            before = sum(p.ok for p in pollers)
+            scale(env, f"web={n}")
+            wait_for(lambda n=n: len(tier_pids(up.pid, "web")) == n, 30, f"{n} web processes")
+            wait_for(
+                lambda before=before: sum(p.ok for p in pollers) >= before + 200,
+                30,
+                "answers after the change",
+            )
+        for poller in pollers:
+            poller.stop.set()
+        for poller in pollers:
+            poller.join(timeout=10)
+        assert [f for p in pollers for f in p.failures] == []
+        assert sum(p.ok for p in pollers) > 800
+    finally:
+        for poller in pollers:
+            poller.stop.set()
+        code = up.stop(timeout=60)
+    assert code == 0, up.output()[-3000:]

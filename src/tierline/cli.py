@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -103,14 +104,29 @@ def main() -> None:
 @click.option(
     "--reuse-port", is_flag=True, help="Share the port with other replicas (SO_REUSEPORT)."
 )
-def web(app: str | None, web_host: str | None, web_port: str | None, reuse_port: bool) -> None:
+@click.option(
+    "--fd",
+    type=click.IntRange(0),
+    default=None,
+    hidden=True,
+    help="Serve on this inherited listening socket (how `tierline up` starts web replicas).",
+)
+def web(
+    app: str | None, web_host: str | None, web_port: str | None, reuse_port: bool, fd: int | None
+) -> None:
     """Run one web-tier replica (HTTP API, SSE, metrics, dashboard)."""
     settings = with_database(load_settings(app=app, web_host=web_host, web_port=web_port))
     setup_logging(settings, tier="web", pid=os.getpid())
     from tierline.web.server import run_web
 
     application = _app_or_fail(settings)
-    sys.exit(run_async(lambda: run_web(application, settings, reuse_port=reuse_port)))
+    sock = None
+    if fd is not None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            fail(f"--fd {fd}: not a socket this process inherited ({exc.strerror or exc})")
+    sys.exit(run_async(lambda: run_web(application, settings, sock=sock, reuse_port=reuse_port)))
 
 
 @main.command()

@@ -41,12 +41,28 @@ class Shutdown:
             os._exit(1)
 
 
+# How long a stopping server waits, after it stopped accepting, before it closes the
+# connections that have not sent a request yet.
+FIRST_REQUEST_GRACE_S = 0.5
+
+
 class QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the tier's ``Shutdown`` owns signals."""
+    """uvicorn without its own signal handling (the tier's ``Shutdown`` owns signals), and
+    with a kinder shutdown: a connection accepted just before the server stopped accepting
+    gets a moment to send its request, which is then served. uvicorn closes at once every
+    connection without a request in progress, so a client that had just connected to a
+    replica that was beginning to stop saw "server disconnected" instead of an answer."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()  # stop accepting (uvicorn's shutdown repeats it: harmless)
+        if self.server_state.connections:
+            await asyncio.sleep(FIRST_REQUEST_GRACE_S)
+        await super().shutdown(sockets)
 
 
 def listen_socket(host: str, port: int, *, setting: str, reuse_port: bool = False) -> socket.socket:

@@ -1,10 +1,15 @@
 """``tierline up``: both tiers as separate OS processes on one machine.
 
 Starts the database (embedded unless a URL is given), migrates, runs N web replicas
-sharing one port (``SO_REUSEPORT``: the kernel balances connections) and M worker
-replicas, restarts a replica that crashes, scales either tier on request
+and M worker replicas, restarts a replica that crashes, scales either tier on request
 (``tierline scale``, over a Unix socket in the data folder) without touching the other,
 and stops everything cleanly on Ctrl+C.
+
+The web replicas share one listening socket that the supervisor opens and passes down
+(the pre-fork model): connections wait in its one accept queue until some replica takes
+them, so a replica that stops (scaled in, restarted) strands none. Separate sockets with
+``SO_REUSEPORT`` would each have their own queue, and the kernel resets what is queued on
+a socket when it closes.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tierline.lifecycle import listen_socket
 from tierline.logs import get_logger
-from tierline.settings import Settings
+from tierline.settings import Settings, env_name
 
 log = get_logger(__name__)
 
@@ -50,17 +57,35 @@ class Supervisor:
         self.crashes: dict[tuple[str, int], int] = {}
         self.stop = asyncio.Event()
         self.data_dir = Path(settings.data_dir).resolve()
+        self.listener: socket.socket | None = None  # the web tier's, shared by its replicas
+
+    def web_socket(self) -> socket.socket:
+        """The web tier's listening socket, opened on first use (``ListenError`` names
+        ``TIERLINE_WEB_PORT`` when the port is taken)."""
+        if self.listener is None:
+            self.listener = listen_socket(
+                self.settings.web_host, self.settings.web_port, setting=env_name("web_port")
+            )
+        return self.listener
+
+    def _close_web_socket(self) -> None:
+        """Scaled to zero web replicas: refuse connections instead of queueing them."""
+        if self.listener is not None and not any(c.tier == "web" for c in self.children.values()):
+            self.listener.close()
+            self.listener = None
 
     # -- processes --------------------------------------------------------------------------
     def _spawn(self, tier: str, slot: int) -> Child:
         env = dict(self.env)
         args = [sys.executable, "-m", "tierline", tier]
+        fds: tuple[int, ...] = ()
         if tier == "web":
-            args.append("--reuse-port")
+            fds = (self.web_socket().fileno(),)
+            args += ["--fd", str(fds[0])]
         else:
             base = self.settings.worker_metrics_port
             env["TIERLINE_WORKER_METRICS_PORT"] = str(base + slot if base else 0)
-        proc = subprocess.Popen(args, env=env, start_new_session=True)
+        proc = subprocess.Popen(args, env=env, start_new_session=True, pass_fds=fds)
         child = Child(tier, slot, proc, restarts=self.crashes.get((tier, slot), 0))
         self.children[(tier, slot)] = child
         log.info("replica started", tier=tier, slot=slot, pid=proc.pid)
@@ -105,6 +130,8 @@ class Supervisor:
             for (t, slot), child in list(self.children.items()):
                 if t == tier and slot >= self.want[tier]:
                     self._terminate(child)
+        if self.want["web"] == 0:
+            self._close_web_socket()
 
     @staticmethod
     def invalid(tier: str, n: int) -> str | None:
@@ -174,6 +201,8 @@ class Supervisor:
                     child.proc.kill()
                 os._exit(1)
 
+        if self.want["web"]:
+            self.web_socket()  # a taken port stops `tierline up` here, with one line
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +220,8 @@ class Supervisor:
             server.close()
             sock_path.unlink(missing_ok=True)
             await self._stop_all()
+            if self.listener is not None:
+                self.listener.close()
         return 0
 
     async def _stop_all(self) -> None:

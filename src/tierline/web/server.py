@@ -43,10 +43,12 @@ async def run_web(
     rt = Runtime(settings=settings, app=app, replica=replica, keys=keys, hub=hub)
     holder["rt"] = rt
     api = create_app(rt)
-    # Replicas sharing a port (SO_REUSEPORT) get connections as soon as they listen, with
-    # no readiness gate in front: such a replica listens only once ready, so scaling the
-    # web tier out never sends a request to a replica that would answer 503 "starting".
-    started = await replica.start(shutdown.stop) if reuse_port else None
+    # Replicas sharing a port (SO_REUSEPORT, or a socket inherited from `tierline up`) get
+    # connections as soon as they accept, with no readiness gate in front: such a replica
+    # serves only once ready, so scaling the web tier out never sends a request to a
+    # replica that would answer 503 "starting".
+    shared = reuse_port or sock is not None
+    started = await replica.start(shutdown.stop) if shared else None
     if sock is None:
         sock = listen_socket(
             settings.web_host,
