@@ -89,7 +89,11 @@ def test_cli_exits_2_with_one_line_and_no_traceback(command: list[str]) -> None:
 
 @pytest.mark.parametrize(
     ("command", "variable"),
-    [(["web"], "TIERLINE_WEB_PORT"), (["worker"], "TIERLINE_WORKER_METRICS_PORT")],
+    [
+        (["web"], "TIERLINE_WEB_PORT"),
+        (["worker"], "TIERLINE_WORKER_METRICS_PORT"),
+        (["up", "--workers", "0"], "TIERLINE_WEB_PORT"),
+    ],
 )
 def test_a_port_in_use_is_one_line_naming_the_variable(
     command: list[str], variable: str, db_url: str
