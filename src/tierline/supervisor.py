@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tierline.errors import ListenError
 from tierline.lifecycle import listen_socket
 from tierline.logs import get_logger
 from tierline.settings import Settings, env_name
@@ -126,7 +127,11 @@ class Supervisor:
             for slot in range(self.want[tier]):
                 key = (tier, slot)
                 if key not in self.children and self.restart_at.get(key, 0) <= now:
-                    self._spawn(tier, slot)
+                    try:
+                        self._spawn(tier, slot)
+                    except ListenError as exc:  # scaled up from 0 onto a port now taken
+                        log.error("cannot start replica; retrying", tier=tier, error=str(exc))
+                        self.restart_at[key] = now + 5.0
             for (t, slot), child in list(self.children.items()):
                 if t == tier and slot >= self.want[tier]:
                     self._terminate(child)
