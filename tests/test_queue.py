@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -14,9 +15,12 @@ from tests.conftest import make_settings
 from tests.jobs_app import app
 from tierline.errors import InvalidJob, InvalidTransition, JobNotFound, UnknownKind
 from tierline.jobs import JobRequest
+from tierline.queries import QUERIES
 from tierline.queue import Queue
 from tierline.settings import Settings
 from tierline.worker import Worker
+
+OWNER = "00000000-0000-0000-0000-000000000009"
 
 
 @pytest.fixture
@@ -193,3 +197,31 @@ async def test_list_pagination_and_filters(queue: Queue) -> None:
     page3 = await queue.list(kind="add", limit=3, before=page2[-1].id)
     assert [j.id for j in page1 + page2 + page3] == sorted(ids, reverse=True)
     assert [j.queue for j in await queue.list(queue="other")] == ["other"]
+
+
+async def test_claim_walks_the_index_even_with_statistics_from_before_the_backlog(
+    queue: Queue, pool: Any
+) -> None:
+    """Statistics taken while every job was scheduled for later say almost nothing is
+    due; once the backlog is due, the claim must still walk `jobs_waiting_idx` in order
+    and stop after `limit` rows, not read and sort the whole backlog."""
+    await queue.enqueue_batch([JobRequest(kind="noop", delay_s=3600) for _ in range(5000)])
+    async with pool.connection() as conn:
+        await conn.execute("ANALYZE tierline.jobs")  # every job in the future
+        await conn.execute("UPDATE tierline.jobs SET run_at = now(), state = 'available'")
+        async with conn.transaction(force_rollback=True):
+            await conn.execute(QUERIES["claim_plan"])
+            cur = await conn.execute(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["claim"],
+                {"queues": ["default"], "limit": 4, "owner": OWNER, "lease_s": 30},
+            )
+            (row,) = await cur.fetchall()
+    plan = json.dumps(row["QUERY PLAN"])
+    assert "Bitmap" not in plan and "Seq Scan" not in plan, plan
+    scans = [n for n in _nodes(row["QUERY PLAN"][0]["Plan"]) if n.get("Index Name")]
+    walk = next(n for n in scans if n["Index Name"] == "jobs_waiting_idx")
+    assert walk["Node Type"] == "Index Scan" and walk["Actual Rows"] <= 4 * walk["Actual Loops"]
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [plan, *(n for child in plan.get("Plans", []) for n in _nodes(child))]

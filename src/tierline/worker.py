@@ -153,7 +153,8 @@ class Worker:
     async def claim(self, limit: int) -> int:
         if limit <= 0:
             return 0
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(QUERIES["claim_plan"])  # the index walk, whatever the stats
             cur = await conn.execute(
                 QUERIES["claim"],
                 {
