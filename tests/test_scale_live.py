@@ -86,6 +86,20 @@ def alive(snapshot: dict[str, Any], tier: str) -> list[dict[str, Any]]:
     return [r for r in snapshot["replicas"] if r["tier"] == tier and r["alive"]]
 
 
+def scale(env: dict[str, str], change: str) -> str:
+    """`tierline scale CHANGE` against the running `tierline up`; its output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tierline", "scale", change],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_scale_workers_while_up(db_url: str, tmp_path: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -118,16 +132,7 @@ def test_scale_workers_while_up(db_url: str, tmp_path: Path) -> None:
 
         poller.start()
         wait_for(lambda: poller.ok >= 5, 10, "the poller's first answers")
-        done = subprocess.run(
-            [sys.executable, "-m", "tierline", "scale", "worker=4"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "worker: 1 -> 4 replicas" in done.stdout
+        assert "worker: 1 -> 4 replicas" in scale(env, "worker=4")
 
         wait_for(lambda: len(tier_pids(up.pid, "worker")) == 4, 30, "4 worker processes")
         wait_for(
@@ -156,16 +161,7 @@ def test_scale_workers_while_up(db_url: str, tmp_path: Path) -> None:
         assert poller.failures == []
 
         # The web tier scales out too, without failing a request, the first replica kept.
-        done = subprocess.run(
-            [sys.executable, "-m", "tierline", "scale", "web=2"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "web: 1 -> 2 replicas" in done.stdout
+        assert "web: 1 -> 2 replicas" in scale(env, "web=2")
         wait_for(
             lambda: len(alive(cluster(base), "web")) == 2,
             60,
@@ -188,18 +184,6 @@ def test_scale_workers_while_up(db_url: str, tmp_path: Path) -> None:
         code = up.stop(timeout=60)
     assert code == 0, up.output()[-3000:]
     assert children(up.pid) == {}
-
-
-def scale(env: dict[str, str], change: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "tierline", "scale", change],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
 
 
 def test_scaling_the_web_tier_in_strands_no_connection(db_url: str, tmp_path: Path) -> None:

@@ -70,16 +70,20 @@ def test_secret_values_are_not_echoed() -> None:
     assert "hunter2" not in str(info.value)
 
 
-@pytest.mark.parametrize("command", [["worker"], ["web"], ["migrate"], ["up"]])
-def test_cli_exits_2_with_one_line_and_no_traceback(command: list[str]) -> None:
-    env = {"TIERLINE_WORKER_CONCURRENCY": "lots", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
+def run_cli(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`tierline COMMAND` with only ``env`` (and a minimal PATH) in its environment."""
+    return subprocess.run(
         [sys.executable, "-m", "tierline", *command],
-        env=env,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+@pytest.mark.parametrize("command", [["worker"], ["web"], ["migrate"], ["up"]])
+def test_cli_exits_2_with_one_line_and_no_traceback(command: list[str]) -> None:
+    proc = run_cli(command, {"TIERLINE_WORKER_CONCURRENCY": "lots"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "tierline: error: TIERLINE_WORKER_CONCURRENCY='lots': expected a whole number"
@@ -109,16 +113,8 @@ def test_a_port_in_use_is_one_line_naming_the_variable(
             "TIERLINE_WORKER_METRICS_HOST": "127.0.0.1",
             "TIERLINE_STARTUP_JITTER_S": "0",
             variable: str(port),
-            "PATH": "/usr/bin:/bin",
-            "PYTHONPATH": str(ROOT),
         }
-        proc = subprocess.run(
-            [sys.executable, "-m", "tierline", *command],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        proc = run_cli(command, env)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"tierline: error: cannot listen on 127.0.0.1:{port} ({variable}): Address already in use"
