@@ -250,3 +250,28 @@ class Cluster:
                     p.proc.wait(timeout=10)
             with contextlib.suppress(Exception):
                 p.log_file.close()
+
+
+async def plan_with_stale_statistics(
+    pool: Any, query: str, params: Any = None, *, before: str | None = None
+) -> list[dict[str, Any]]:
+    """The ``EXPLAIN ANALYZE`` plan (JSON) of ``query`` on a backlog whose statistics
+    promise almost no due job: 5,000 jobs enqueued for later, analysed, then all made due.
+    ``before`` runs first in the same (rolled back) transaction."""
+    from tests.jobs_app import app
+    from tierline.jobs import JobRequest
+    from tierline.queue import Queue
+
+    await Queue(app, pool).enqueue_batch(
+        [JobRequest(kind="noop", delay_s=3600) for _ in range(5000)]
+    )
+    async with pool.connection() as conn:
+        await conn.execute("ANALYZE tierline.jobs")  # every job in the future
+        await conn.execute("UPDATE tierline.jobs SET run_at = now(), state = 'available'")
+        async with conn.transaction(force_rollback=True):
+            if before:
+                await conn.execute(before)
+            cur = await conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query, params)
+            (row,) = await cur.fetchall()
+    plan: list[dict[str, Any]] = row["QUERY PLAN"]
+    return plan

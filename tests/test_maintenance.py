@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from tests.conftest import make_settings
+from tests.helpers import plan_with_stale_statistics
 from tests.jobs_app import app
 from tierline.jobs import JobRequest
 from tierline.maintenance import Maintenance
@@ -100,14 +101,6 @@ async def test_lost_lease_result_is_dropped(pool: Any, db_url: str) -> None:
 async def test_promotion_reads_only_due_jobs_even_with_stale_statistics(pool: Any) -> None:
     """Statistics taken while every job was scheduled for later, then the jobs became
     available: promotion must read the due-jobs index, not the table or the backlog."""
-    queue = Queue(app, pool)
-    await queue.enqueue_batch([JobRequest(kind="noop", delay_s=3600) for _ in range(5000)])
-    async with pool.connection() as conn:
-        await conn.execute("ANALYZE tierline.jobs")
-        await conn.execute("UPDATE tierline.jobs SET run_at = now(), state = 'available'")
-        async with conn.transaction(force_rollback=True):
-            cur = await conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["promote_due"])
-            (row,) = await cur.fetchall()
-    plan = json.dumps(row["QUERY PLAN"])
+    plan = json.dumps(await plan_with_stale_statistics(pool, QUERIES["promote_due"]))
     assert "Seq Scan" not in plan and "jobs_due_idx" in plan, plan
     assert "jobs_waiting_idx" not in plan, plan

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import make_settings
+from tests.helpers import plan_with_stale_statistics
 from tests.jobs_app import app
 from tierline.errors import InvalidJob, InvalidTransition, JobNotFound, UnknownKind
 from tierline.jobs import JobRequest
@@ -200,25 +201,20 @@ async def test_list_pagination_and_filters(queue: Queue) -> None:
 
 
 async def test_claim_walks_the_index_even_with_statistics_from_before_the_backlog(
-    queue: Queue, pool: Any
+    pool: Any,
 ) -> None:
     """Statistics taken while every job was scheduled for later say almost nothing is
     due; once the backlog is due, the claim must still walk `jobs_waiting_idx` in order
     and stop after `limit` rows, not read and sort the whole backlog."""
-    await queue.enqueue_batch([JobRequest(kind="noop", delay_s=3600) for _ in range(5000)])
-    async with pool.connection() as conn:
-        await conn.execute("ANALYZE tierline.jobs")  # every job in the future
-        await conn.execute("UPDATE tierline.jobs SET run_at = now(), state = 'available'")
-        async with conn.transaction(force_rollback=True):
-            await conn.execute(QUERIES["claim_plan"])
-            cur = await conn.execute(
-                "EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["claim"],
-                {"queues": ["default"], "limit": 4, "owner": OWNER, "lease_s": 30},
-            )
-            (row,) = await cur.fetchall()
-    plan = json.dumps(row["QUERY PLAN"])
+    explained = await plan_with_stale_statistics(
+        pool,
+        QUERIES["claim"],
+        {"queues": ["default"], "limit": 4, "owner": OWNER, "lease_s": 30},
+        before=QUERIES["claim_plan"],
+    )
+    plan = json.dumps(explained)
     assert "Bitmap" not in plan and "Seq Scan" not in plan, plan
-    scans = [n for n in _nodes(row["QUERY PLAN"][0]["Plan"]) if n.get("Index Name")]
+    scans = [n for n in _nodes(explained[0]["Plan"]) if n.get("Index Name")]
     walk = next(n for n in scans if n["Index Name"] == "jobs_waiting_idx")
     assert walk["Node Type"] == "Index Scan" and walk["Actual Rows"] <= 4 * walk["Actual Loops"]
 
