@@ -23,6 +23,10 @@ class State(StrEnum):
     cancelled = "cancelled"
 
 
+# A job in one of these states has finished; its last event has the state as its type.
+FINAL_STATES = frozenset({State.succeeded, State.failed, State.cancelled})
+
+
 WAITING = (State.scheduled, State.available, State.retrying)
 FINAL = (State.succeeded, State.failed, State.cancelled)
 EVENT_TYPES = (
