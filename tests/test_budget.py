@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from tests.helpers import ROOT, base_env
 from tierline import budget, planning
-from tierline.budget import Cap, Cores, PoolPlan
+from tierline.budget import Cap, PoolPlan
+from tierline.cores import Cores, usable_cores
 from tierline.settings import Settings
 
 
@@ -52,19 +53,19 @@ def cgroup_v1(
 # -- usable cores ---------------------------------------------------------------------------
 def test_v2_quota_of_half_a_cpu_is_one_usable_core(tmp_path: Path) -> None:
     root, proc = cgroup_v2(tmp_path, "/kubepods/pod1/c1", {"/kubepods/pod1/c1": "50000 100000"})
-    cores = budget.usable_cores(root, proc, affinity=64, host=64)
+    cores = usable_cores(root, proc, affinity=64, host=64)
     assert cores == Cores(usable=1, host=64, source="cgroup v2 cpu.max", quota=0.5)
 
 
 def test_v2_fractional_quota_rounds_up(tmp_path: Path) -> None:
     root, proc = cgroup_v2(tmp_path, "/pod", {"/pod": "250000 100000"})
-    cores = budget.usable_cores(root, proc, affinity=16, host=16)
+    cores = usable_cores(root, proc, affinity=16, host=16)
     assert (cores.usable, cores.quota) == (3, 2.5)
 
 
 def test_v2_unlimited_uses_affinity(tmp_path: Path) -> None:
     root, proc = cgroup_v2(tmp_path, "/user.slice", {"/user.slice": "max 100000"})
-    cores = budget.usable_cores(root, proc, affinity=6, host=8)
+    cores = usable_cores(root, proc, affinity=6, host=8)
     assert cores == Cores(usable=6, host=8, source="affinity", quota=None)
 
 
@@ -75,7 +76,7 @@ def test_v2_tightest_ancestor_wins(tmp_path: Path) -> None:
         "/kubepods/pod1/c1",
         {"/kubepods/pod1": "100000 100000", "/kubepods/pod1/c1": "400000 100000"},
     )
-    cores = budget.usable_cores(root, proc, affinity=32, host=32)
+    cores = usable_cores(root, proc, affinity=32, host=32)
     assert (cores.usable, cores.source, cores.quota) == (1, "cgroup v2 cpu.max", 1.0)
 
 
@@ -83,50 +84,50 @@ def test_v2_namespaced_container_reads_the_mount_root(tmp_path: Path) -> None:
     # Without a cgroup namespace /proc/self/cgroup names a path the container's mount
     # does not have; its own limit is then at the mount's root.
     root, proc = cgroup_v2(tmp_path, "/kubepods/burstable/podX/abc", {"/": "150000 100000"})
-    cores = budget.usable_cores(root, proc, affinity=8, host=8)
+    cores = usable_cores(root, proc, affinity=8, host=8)
     assert (cores.usable, cores.quota) == (2, 1.5)
 
 
 def test_v1_cfs_quota(tmp_path: Path) -> None:
     root, proc = cgroup_v1(tmp_path, "/docker/abc", {"/docker/abc": (150000, 100000)})
-    cores = budget.usable_cores(root, proc, affinity=8, host=8)
+    cores = usable_cores(root, proc, affinity=8, host=8)
     assert cores == Cores(usable=2, host=8, source="cgroup v1 cfs quota", quota=1.5)
 
 
 def test_v1_separate_cpu_mount(tmp_path: Path) -> None:
     # This machine's layout: /sys/fs/cgroup/cpu on its own, "1:cpu:/path".
     root, proc = cgroup_v1(tmp_path, "/job", {"/": (-1, 100000), "/job": (50000, 100000)}, "cpu")
-    cores = budget.usable_cores(root, proc, affinity=2, host=2)
+    cores = usable_cores(root, proc, affinity=2, host=2)
     assert (cores.usable, cores.source, cores.quota) == (1, "cgroup v1 cfs quota", 0.5)
 
 
 def test_v1_no_quota(tmp_path: Path) -> None:
     root, proc = cgroup_v1(tmp_path, "/", {"/": (-1, 100000)})
-    cores = budget.usable_cores(root, proc, affinity=4, host=4)
+    cores = usable_cores(root, proc, affinity=4, host=4)
     assert cores == Cores(usable=4, host=4, source="host", quota=None)
 
 
 def test_quota_above_affinity_keeps_affinity(tmp_path: Path) -> None:
     root, proc = cgroup_v2(tmp_path, "/pod", {"/pod": "800000 100000"})
-    cores = budget.usable_cores(root, proc, affinity=2, host=16)
+    cores = usable_cores(root, proc, affinity=2, host=16)
     assert (cores.usable, cores.source, cores.quota) == (2, "affinity", 8.0)
 
 
 def test_tiny_quota_still_one_core(tmp_path: Path) -> None:
     root, proc = cgroup_v2(tmp_path, "/pod", {"/pod": "1000 100000"})
-    assert budget.usable_cores(root, proc, affinity=4, host=4).usable == 1
+    assert usable_cores(root, proc, affinity=4, host=4).usable == 1
 
 
 def test_garbage_and_missing_files_are_ignored(tmp_path: Path) -> None:
     root, proc = cgroup_v2(tmp_path, "/a/b", {"/a": "nonsense", "/a/b": ""})
-    assert budget.usable_cores(root, proc, affinity=3, host=4).usable == 3
+    assert usable_cores(root, proc, affinity=3, host=4).usable == 3
     nowhere = tmp_path / "missing"
-    cores = budget.usable_cores(nowhere, nowhere / "cgroup", affinity=4, host=4)
+    cores = usable_cores(nowhere, nowhere / "cgroup", affinity=4, host=4)
     assert cores == Cores(usable=4, host=4, source="host")
 
 
 def test_this_process_never_gets_zero_cores() -> None:
-    cores = budget.usable_cores()
+    cores = usable_cores()
     assert 1 <= cores.usable <= cores.host
 
 
@@ -341,7 +342,7 @@ def test_cli_plan_exit_codes() -> None:
 def test_cli_config_shows_the_cpu_cap_of_this_machine() -> None:
     out = run_cli("config", "--tier", "web", TIERLINE_WEB_DB_POOL_MAX="500")
     assert out.returncode == 0, out.stderr
-    cores = budget.usable_cores()
+    cores = usable_cores()
     applied = cores.usable * 4
     assert f"pool max on this machine: web {applied} ({cores.usable} usable core" in out.stdout
     assert f"TIERLINE_WEB_DB_POOL_MAX: requested 500, runs as {applied}" in out.stdout

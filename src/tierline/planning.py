@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, field
 
 from tierline import budget
-from tierline.budget import Budget, Cores
+from tierline.budget import Budget
+from tierline.cores import Cores, usable_cores
 from tierline.settings import Settings, Tier
 
 
@@ -77,9 +78,9 @@ def plan(
     """
     if cores is not None:
         usable = max(1, math.ceil(cores - 1e-9))
-        core_info = budget.Cores(usable=usable, host=usable, source="--cores", quota=cores)
+        core_info = Cores(usable=usable, host=usable, source="--cores", quota=cores)
     else:
-        core_info = budget.usable_cores()
+        core_info = usable_cores()
     if server is not None:
         b = budget.budget(settings, *server)
     else:

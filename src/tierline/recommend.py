@@ -25,6 +25,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from tierline import budget, metrics
+from tierline.cores import usable_cores
 from tierline.database import Conn
 from tierline.queries import QUERIES
 from tierline.settings import Settings, Tier
@@ -277,7 +278,7 @@ async def read_inputs(
             sources[f"{tier}_claim"] = f"mean claim of {len(claimed)} live {tier} replicas"
         else:
             t: Tier = "web" if tier == "web" else "worker"
-            claims[tier] = budget.cpu_capped_pool(settings, t, budget.usable_cores()).claimed
+            claims[tier] = budget.cpu_capped_pool(settings, t, usable_cores()).claimed
             sources[f"{tier}_claim"] = "this process's pool settings; no live replica"
     return Inputs(
         arrival_rate=rate,

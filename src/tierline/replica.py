@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from tierline import __version__, budget, metrics, migrations
+from tierline.cores import Cores, usable_cores
 from tierline.database import Conn, backoff_delays, connect, describe_error, make_pool
 from tierline.errors import SchemaError
 from tierline.logs import get_logger
@@ -37,14 +38,14 @@ class Replica:
         settings: Settings,
         tier: Tier,
         *,
-        cores: budget.Cores | None = None,
+        cores: Cores | None = None,
         stats: Callable[[], dict[str, Any]] | None = None,
         pool_need: int | None = None,
     ) -> None:
         self.settings = settings
         self.tier: Tier = tier
         self.id = uuid.uuid4()
-        self.cores = cores or budget.usable_cores()
+        self.cores = cores or usable_cores()
         self.plan = budget.cpu_capped_pool(settings, tier, self.cores)
         self.granted: budget.PoolPlan | None = None
         self.budget: budget.Budget | None = None

@@ -102,8 +102,9 @@ def pool_caps(settings: Settings, tier: str | None) -> list[str]:
     """The pools as the CPU cap leaves them on this machine (the budget may cap further
     when a replica starts; ``tierline plan`` does that arithmetic)."""
     from tierline import budget
+    from tierline.cores import usable_cores
 
-    cores = budget.usable_cores()
+    cores = usable_cores()
     tiers: tuple[Tier, ...] = ("web", "worker")
     plans = [budget.cpu_capped_pool(settings, t, cores) for t in tiers if tier in (None, t)]
     sizes = ", ".join(f"{p.tier} {p.max_size}" for p in plans)
