@@ -207,67 +207,85 @@ BUDGET = gauge(
     "both",
 )
 
+
 # -- pools: read from psycopg_pool at scrape time ---------------------------------------------
-_POOL_DOCS = [
-    (
+@dataclass(frozen=True)
+class PoolMetric:
+    """One pool metric: documented in ``CATALOGUE`` and exported by ``PoolCollector``
+    from the same declaration, so the help text and the docs cannot drift apart."""
+
+    name: str  # as exposed (counters end in _total)
+    type: str  # "gauge" or "counter"
+    meaning: str
+    when_high: str
+    key: str = ""  # the ``pool_snapshot`` value it exports
+    states: tuple[str, ...] = ()  # one sample per state instead, each its snapshot key
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return ("tier", "state") if self.states else ("tier",)
+
+
+POOL_METRICS = (
+    PoolMetric(
         "tierline_db_pool_connections",
         "gauge",
-        ("tier", "state"),
         "Pool connections in use or idle.",
         "in_use near max: the pool is saturated; see utilisation.",
+        states=("in_use", "idle"),
     ),
-    (
+    PoolMetric(
         "tierline_db_pool_max_connections",
         "gauge",
-        ("tier",),
         "The pool's effective maximum after caps.",
         "Below requested: a cap applied; see logs.",
+        "max",
     ),
-    (
+    PoolMetric(
         "tierline_db_pool_requested_max_connections",
         "gauge",
-        ("tier",),
         "The pool maximum asked for by TIERLINE_<TIER>_DB_POOL_MAX.",
         "Differs from max: the request was capped (CPU or budget).",
+        "requested_max",
     ),
-    (
+    PoolMetric(
         "tierline_db_pool_waiting_requests",
         "gauge",
-        ("tier",),
         "Callers waiting for a pool connection now.",
         "Above 0 for long: the pool is too small for the load, or queries are slow.",
+        "waiting",
     ),
-    (
+    PoolMetric(
         "tierline_db_pool_waits_total",
         "counter",
-        ("tier",),
         "Requests that had to wait for a connection.",
         "Rising rate: the pool is saturated.",
+        "waits",
     ),
-    (
+    PoolMetric(
         "tierline_db_pool_wait_seconds_total",
         "counter",
-        ("tier",),
         "Total time spent waiting for connections.",
         "rate() over waits rate is the mean wait; high means saturation.",
+        "wait_s",
     ),
-    (
+    PoolMetric(
         "tierline_db_pool_timeouts_total",
         "counter",
-        ("tier",),
         "Requests that gave up waiting (503 on web, retry on worker).",
         "Any increase: the pool or database is saturated; act now.",
+        "timeouts",
     ),
-    (
+    PoolMetric(
         "tierline_db_pool_utilization_ratio",
         "gauge",
-        ("tier",),
         "Connections in use / effective maximum.",
         ">= 0.9 for 15 min: raise the pool within the budget, or add replicas.",
+        "utilization",
     ),
-]
-for _name, _type, _labels, _meaning, _high in _POOL_DOCS:
-    _doc(_name, _type, _labels, _meaning, _high, "both")
+)
+for _m in POOL_METRICS:
+    _doc(_m.name, _m.type, _m.labels, _m.meaning, _m.when_high, "both")
 
 
 class PoolCollector(Collector):
@@ -281,52 +299,17 @@ class PoolCollector(Collector):
         if not snap:
             return []
         tier = snap["tier"]
-        conns = GaugeMetricFamily(
-            "tierline_db_pool_connections",
-            "Pool connections in use or idle.",
-            labels=["tier", "state"],
-        )
-        conns.add_metric([tier, "in_use"], snap["in_use"])
-        conns.add_metric([tier, "idle"], snap["idle"])
-        out: list[Metric] = [conns]
-
-        def g(name: str, doc: str, value: float) -> None:
-            m = GaugeMetricFamily(name, doc, labels=["tier"])
-            m.add_metric([tier], value)
-            out.append(m)
-
-        def c(name: str, doc: str, value: float) -> None:
-            m = CounterMetricFamily(name, doc, labels=["tier"])
-            m.add_metric([tier], value)
-            out.append(m)
-
-        g(
-            "tierline_db_pool_max_connections",
-            "The pool's effective maximum after caps.",
-            snap["max"],
-        )
-        g(
-            "tierline_db_pool_requested_max_connections",
-            "The requested pool maximum.",
-            snap["requested_max"],
-        )
-        g(
-            "tierline_db_pool_waiting_requests",
-            "Callers waiting for a connection now.",
-            snap["waiting"],
-        )
-        c("tierline_db_pool_waits", "Requests that had to wait for a connection.", snap["waits"])
-        c(
-            "tierline_db_pool_wait_seconds",
-            "Total time spent waiting for connections.",
-            snap["wait_s"],
-        )
-        c("tierline_db_pool_timeouts", "Requests that gave up waiting.", snap["timeouts"])
-        g(
-            "tierline_db_pool_utilization_ratio",
-            "Connections in use / effective maximum.",
-            snap["utilization"],
-        )
+        out: list[Metric] = []
+        for m in POOL_METRICS:
+            family = GaugeMetricFamily if m.type == "gauge" else CounterMetricFamily
+            # (a counter family takes the name with or without _total; it exposes _total)
+            metric = family(m.name, m.meaning, labels=list(m.labels))
+            if m.states:
+                for state in m.states:
+                    metric.add_metric([tier, state], snap[state])
+            else:
+                metric.add_metric([tier], snap[m.key])
+            out.append(metric)
         return out
 
 
