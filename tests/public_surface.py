@@ -59,16 +59,10 @@ def _flatten(routes: Any) -> list[Any]:
 
 def _runtime() -> Any:
     from tierline.demo import app as demo
-    from tierline.replica import Replica
     from tierline.settings import Settings
-    from tierline.streaming import EventHub
-    from tierline.web.auth import KeyRing
-    from tierline.web.runtime import Runtime
+    from tierline.web_tier import WebTier
 
-    settings = Settings()
-    replica = Replica(settings, "web", stats=dict)
-    hub = EventHub(lambda: None, buffer_size=settings.sse_buffer_events)  # type: ignore[arg-type,return-value]
-    return Runtime(settings=settings, app=demo, replica=replica, keys=KeyRing(None), hub=hub)
+    return WebTier(demo, Settings()).rt
 
 
 def _commands(command: click.Command, path: str) -> dict[str, list[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -12,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from tierline.errors import InvalidJob, UnknownKind
 from tierline.jobs import Job, JobRequest, json_size
+from tierline.producer import Producer
+from tierline.queue import MAX_ARGS_BYTES, Queue
+from tierline.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,8 +57,8 @@ class App:
         self.name = name
         self.handlers: dict[str, Handler] = {}
         self.database_url = database_url
-        self._queue: Any = None  # set by a running tier (its pool), else made on demand
-        self._sync_lock = threading.Lock()
+        # The tier's queue once a tier runs this process, else a small pool of its own.
+        self.producer = Producer(self, self._private_pool)
 
     # -- registration ---------------------------------------------------------------------
     def job(
@@ -112,7 +114,9 @@ class App:
         except KeyError:
             raise UnknownKind(kind, self.kinds()) from None
 
-    def prepare(self, request: JobRequest, *, max_args_bytes: int = 262_144) -> dict[str, Any]:
+    def prepare(
+        self, request: JobRequest, *, max_args_bytes: int = MAX_ARGS_BYTES
+    ) -> dict[str, Any]:
         """Validate a request and fill in the handler's defaults: the row to insert."""
         handler = self.handler(request.kind)
         # Measured as sent, before validation, which would turn 1e400 into null silently.
@@ -141,42 +145,30 @@ class App:
     # -- enqueue --------------------------------------------------------------------------
     async def enqueue(self, kind: str, args: dict[str, Any] | None = None, **options: Any) -> Job:
         """Enqueue one job; returns it (the existing one for a repeated idempotency key)."""
-        queue = await self._get_queue()
+        queue = await self.producer.queue()
         job, _created = await queue.enqueue(JobRequest(kind=kind, args=args or {}, **options))
-        return job  # type: ignore[no-any-return]
+        return job
 
     async def enqueue_many(self, requests: Sequence[JobRequest]) -> list[int]:
         """Enqueue many jobs in one round trip and one transaction; returns their ids (a
         repeated idempotency key gives the existing job's id)."""
-        queue = await self._get_queue()
+        queue = await self.producer.queue()
         return [job_id for job_id, _ in await queue.enqueue_batch_ids(requests)]
 
     def enqueue_sync(self, kind: str, args: dict[str, Any] | None = None, **options: Any) -> Job:
-        """The synchronous twin of ``enqueue``, for scripts and sync web frameworks."""
-        from tierline.queue import SyncQueue
+        """``enqueue`` for synchronous code (scripts, sync web frameworks, plain-function
+        handlers): the same implementation, run to completion."""
+        return self.producer.call(lambda: self.enqueue(kind, args, **options))
 
-        with self._sync_lock:
-            return SyncQueue(self, self._dsn()).enqueue(
-                JobRequest(kind=kind, args=args or {}, **options)
-            )
+    def bind(self, queue: Queue) -> None:
+        """Make ``enqueue`` use a running tier's queue (and pool); on the tier's loop."""
+        self.producer.bind(queue)
 
-    def bind(self, queue: Any) -> None:
-        """Make ``enqueue`` use a running tier's queue (and pool)."""
-        self._queue = queue
-
-    async def _get_queue(self) -> Any:
-        if self._queue is None:
-            from tierline.queue import Queue
-
-            self._queue = await Queue.standalone(self, self._dsn())
-        return self._queue
-
-    def _dsn(self) -> str:
-        if self.database_url:
-            return self.database_url
-        from tierline.settings import Settings
-
-        return Settings.from_env().dsn()
+    async def _private_pool(self) -> tuple[str, int]:
+        """Where a process that runs no tier enqueues: ``database_url``, else the
+        ``TIERLINE_*`` settings (a script has no CLI to read them for it)."""
+        settings = Settings.from_env(database_url=self.database_url)
+        return settings.dsn(), settings.max_args_bytes
 
 
 def _signature_model(kind: str, func: Callable[..., Any]) -> tuple[type[BaseModel], bool]:

@@ -117,7 +117,7 @@ def web(
     """Run one web-tier replica (HTTP API, SSE, metrics, dashboard)."""
     settings = with_database(load_settings(app=app, web_host=web_host, web_port=web_port))
     setup_logging(settings, tier="web", pid=os.getpid())
-    from tierline.web.server import run_web
+    from tierline.web_tier import WebTier
 
     application = _app_or_fail(settings)
     sock = None
@@ -126,7 +126,10 @@ def web(
             sock = socket.socket(fileno=fd)
         except OSError as exc:
             fail(f"--fd {fd}: not a socket this process inherited ({exc.strerror or exc})")
-    sys.exit(run_async(lambda: run_web(application, settings, sock=sock, reuse_port=reuse_port)))
+    # Built inside the event loop: the replica's primitives belong to it.
+    sys.exit(
+        run_async(lambda: WebTier(application, settings, sock=sock, reuse_port=reuse_port).run())
+    )
 
 
 @main.command()
@@ -154,10 +157,10 @@ def worker(
         )
     )
     setup_logging(settings, tier="worker", pid=os.getpid())
-    from tierline.worker_main import run_worker
+    from tierline.worker_tier import WorkerTier
 
     application = _app_or_fail(settings)
-    sys.exit(run_async(lambda: run_worker(application, settings)))
+    sys.exit(run_async(lambda: WorkerTier(application, settings).run()))
 
 
 def _app_or_fail(settings: Settings) -> Any:
@@ -368,14 +371,15 @@ def plan(web_n: int, workers_n: int, db_max_connections: str | None, cores: floa
 def recommend(as_json: bool) -> None:
     """Recommend replicas per tier from live statistics, with the reasoning: inputs,
     formula, result and the limit that bound it (reads the database directly)."""
-    from tierline import recommend as rec
+    from tierline.recommend_report import render
+    from tierline.recommender import live
 
     settings = with_database(load_settings(), quiet=True)
-    result = run_async_value(lambda: rec.live(settings))
+    result = run_async_value(lambda: live(settings))
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2, default=str))
     else:
-        click.echo(rec.render(result, settings))
+        click.echo(render(result, settings))
 
 
 def run_async_value(main: Callable[[], Any]) -> Any:

@@ -32,7 +32,9 @@ class JobContext:
         emit: Callable[[int, str, dict[str, Any]], None],
         loop: asyncio.AbstractEventLoop,
         pool: AsyncConnectionPool[Conn],
+        cancel: asyncio.Event,
     ) -> None:
+        """``cancel`` is set by the worker when someone asks to cancel the job."""
         self.job_id = job_id
         self.kind = kind
         self.queue = queue
@@ -42,7 +44,7 @@ class JobContext:
         self._emit = emit
         self._loop = loop
         self._pool = pool
-        self._cancel = asyncio.Event()
+        self._cancel = cancel
 
     # -- progress and logs (stored as job events, written in batches) ------------------------
     def progress(self, fraction: float | None = None, message: str = "") -> None:
@@ -75,9 +77,6 @@ class JobContext:
 
     async def wait_cancel_requested(self) -> None:
         await self._cancel.wait()
-
-    def _request_cancel(self) -> None:
-        self._cancel.set()
 
     # -- database --------------------------------------------------------------------------
     @asynccontextmanager

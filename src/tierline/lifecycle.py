@@ -1,5 +1,7 @@
 """One shutdown recipe for both tiers (uvicorn's): the first SIGTERM or Ctrl+C stops
-intake and drains within a grace period; a second one forces an immediate exit.
+intake and drains within a grace period; a second one forces an immediate exit. Also the
+pieces of a replica's life that both tiers share: supervised side tasks, the quiet
+uvicorn server and the listening socket.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Generator
+from collections.abc import Coroutine, Generator
+from typing import Any, TypeVar
 
 import uvicorn
 
@@ -17,6 +20,7 @@ from tierline.errors import ListenError
 from tierline.logs import get_logger
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 class Shutdown:
@@ -39,6 +43,38 @@ class Shutdown:
         else:
             log.warning("forced exit", signal=signal.Signals(sig).name)
             os._exit(1)
+
+
+class SideTasks:
+    """Background loops, supervised: one that ends on its own (above all one that
+    crashes: it is logged) sets ``stop``, because a replica that silently lost, say, its
+    heartbeat or its claimer would look alive and do nothing; ``cancel`` ends them all at
+    shutdown."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.crashed: list[str] = []
+
+    def start(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._ended)
+        self.tasks.append(task)
+        return task
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("a task crashed; stopping", task=task.get_name(), error=repr(exc))
+            self.crashed.append(task.get_name())
+        self.stop.set()
+
+    async def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 # How long a stopping server waits, after it stopped accepting, before it closes the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, LiteralString
+from typing import Any, LiteralString, Protocol
 
 import psycopg
 from psycopg.rows import dict_row
@@ -16,25 +16,36 @@ from tierline.errors import InvalidTransition, JobNotFound
 from tierline.jobs import Job, JobRequest, State
 from tierline.queries import QUERIES
 
-if TYPE_CHECKING:
-    from tierline.app import App
-
 MAX_ARGS_BYTES = 262_144
 Rows = list[dict[str, Any]]  # (a name: inside Queue, `list` is the method below)
+
+
+class Registry(Protocol):
+    """What the queue needs of the application: the row to insert for a request (the
+    handler's defaults filled in, the arguments validated). ``tierline.App`` is one; the
+    queue does not import it, so that the application can own its queue."""
+
+    def prepare(self, request: JobRequest, *, max_args_bytes: int = ...) -> dict[str, Any]: ...
 
 
 class Queue:
     """Queue operations over a connection pool."""
 
     def __init__(
-        self, app: App, pool: AsyncConnectionPool[Conn], *, max_args_bytes: int = MAX_ARGS_BYTES
+        self,
+        app: Registry,
+        pool: AsyncConnectionPool[Conn],
+        *,
+        max_args_bytes: int = MAX_ARGS_BYTES,
     ) -> None:
         self.app = app
         self.pool = pool
         self.max_args_bytes = max_args_bytes
 
     @classmethod
-    async def standalone(cls, app: App, dsn: str) -> Queue:
+    async def standalone(
+        cls, app: Registry, dsn: str, *, max_args_bytes: int = MAX_ARGS_BYTES
+    ) -> Queue:
         """A small private pool, for processes that only enqueue."""
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             dsn,
@@ -46,7 +57,7 @@ class Queue:
             kwargs={"autocommit": True, "row_factory": dict_row},
         )
         await pool.open(wait=True, timeout=10)
-        return cls(app, pool)
+        return cls(app, pool, max_args_bytes=max_args_bytes)
 
     # -- enqueue ----------------------------------------------------------------------------
     async def enqueue(self, request: JobRequest) -> tuple[Job, bool]:
@@ -228,22 +239,3 @@ def _json_row(row: dict[str, Any]) -> dict[str, Any]:
 
 class _KeyRace(Exception):
     pass
-
-
-class SyncQueue:
-    """Synchronous enqueue over one short-lived connection (scripts, sync frameworks)."""
-
-    def __init__(self, app: App, dsn: str) -> None:
-        self.app = app
-        self.dsn = dsn
-
-    def enqueue(self, request: JobRequest) -> Job:
-        row = self.app.prepare(request)
-        with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as conn:
-            for _ in range(3):
-                found = conn.execute(
-                    QUERIES["enqueue"], {**row, "args": Jsonb(row["args"])}
-                ).fetchone()
-                if found:
-                    return Job.from_row(found)
-        raise InvalidTransition("idempotency key conflict did not settle; try again")

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from importlib import resources
 from typing import Any
-from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from tierline import health
-from tierline.recommend import Recommender
-from tierline.stats import Stats
 from tierline.web.errors import COMMON
 from tierline.web.runtime import Runtime, runtime, scoped
 
@@ -35,26 +32,8 @@ async def metrics_route(request: Request, rt: Runtime = Depends(runtime)) -> Res
     """Prometheus metrics of this replica."""
     if rt.settings.protect_metrics:
         rt.keys.check(request, "read")
-    if rt.stats is not None and rt.replica.ready and not rt.replica.pool_saturated():
-        try:
-            await rt.stats.queues()
-            await rt.stats.cluster()
-            await _recommender(rt).current()  # sets tierline_recommended_replicas
-        except Exception:  # database metrics are best effort; the rest still answers
-            pass
+    await rt.refresh_metrics()
     return health.metrics_response()
-
-
-# One recommender (and its 10 s cache) per replica's statistics.
-_recommenders: WeakKeyDictionary[Stats, Recommender] = WeakKeyDictionary()
-
-
-def _recommender(rt: Runtime) -> Recommender:
-    stats = rt.require_stats()
-    found = _recommenders.get(stats)
-    if found is None:
-        found = _recommenders[stats] = Recommender(rt.settings, stats.pool, stats)
-    return found
 
 
 @router.get("/v1/recommendations", responses=COMMON)
@@ -62,7 +41,7 @@ async def recommendations(rt: Runtime = scoped("read")) -> dict[str, Any]:
     """Recommended replicas per tier (computed at most every 10 s), with the inputs, the
     formula and the limit that bound each: `little's law`, `backlog`, `request rate`,
     `no data`, `min`, `max` or `connection budget`."""
-    return (await _recommender(rt).current()).as_dict()
+    return (await rt.require_recommender().current()).as_dict()
 
 
 @router.get("/v1/queues", responses=COMMON)

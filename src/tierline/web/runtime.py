@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ from fastapi import Depends, Request
 
 from tierline.app import App
 from tierline.queue import Queue
+from tierline.recommend import Recommender
 from tierline.replica import Replica
 from tierline.settings import Settings
 from tierline.stats import Stats
@@ -26,8 +28,10 @@ class Runtime:
     replica: Replica
     keys: KeyRing
     hub: EventHub
+    refresh_metrics: Callable[[], Awaitable[None]]  # the database's gauges, before a scrape
     queue: Queue | None = None
     stats: Stats | None = None
+    recommender: Recommender | None = None
     draining: bool = False
     load: LoadMeter = field(default_factory=LoadMeter)
     shutdown: anyio.Event = field(default_factory=anyio.Event)
@@ -51,6 +55,11 @@ class Runtime:
         self.require_queue()
         assert self.stats is not None
         return self.stats
+
+    def require_recommender(self) -> Recommender:
+        self.require_queue()
+        assert self.recommender is not None
+        return self.recommender
 
 
 async def runtime(request: Request) -> Runtime:
