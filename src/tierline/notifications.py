@@ -1,8 +1,37 @@
-"""One LISTEN connection per replica, reconnected with backoff, fanned out in-process.
+"""Tierline's NOTIFY protocol, and the one LISTEN connection per replica that receives it.
 
-The connection uses the direct URL (LISTEN does not survive transaction pooling) and is
-claimed in the connection budget. After every (re)connect ``on_connect`` runs, so
-subscribers catch up from the database on whatever they may have missed.
+Channels and payloads (every ``pg_notify`` is in ``sql/queries.sql``, in the statement's
+``notified`` CTE, so a notification is sent on commit or not at all):
+
+``tierline_jobs`` (``JOBS_CHANNEL``), payload: a queue name
+    A job became available in that queue; a worker that works the queue claims at once.
+    Sent by ``enqueue`` and ``retry`` (the job), ``enqueue_batch``, ``release``,
+    ``rescue_expired`` and ``promote_due`` (once per distinct queue).
+``tierline_cancel`` (``CANCEL_CHANNEL``), payload: a job id
+    A cancel was requested for a running job; the worker running it stops it (its lease
+    heartbeat, ``renew_leases``, tells it at the latest). Sent by ``cancel`` for a
+    running job; a waiting one is cancelled at once, which is a ``tierline_events`` note.
+``tierline_events`` (``EVENTS_CHANNEL``), payload: job ids joined by ``,``, or ``*``
+    Those jobs have new stored events; the web tier's ``EventHub`` reads them. Sent by
+    every statement that writes ``job_events``: ``enqueue``, ``enqueue_batch``,
+    ``claim``, ``record_events``, ``finish_batch``, ``release``, ``rescue_expired``,
+    ``cancel`` and ``retry``. ``event_job_ids`` parses it.
+
+The ``*`` rule: a statement that wrote events of more than 300 jobs sends ``*`` (``ALL``,
+"any job may have new events") instead of naming them. A NOTIFY payload must be shorter
+than 8000 bytes, or ``pg_notify`` raises and the statement that wrote the events fails
+with it; a job id has at most 19 digits, so 300 ids and their commas take at most 6,000
+bytes. Naming only some of the jobs instead would leave the others' streams waiting for
+the hub's next poll; ``*`` makes the hub read every job it follows, in the one query it
+makes for any batch of notifications.
+
+Notifications are hints, never the only way news travels: they are lost while a LISTEN
+connection is down, so workers also claim every poll interval, the hub reads every
+stream at least once per poll interval, and after every (re)connect ``on_connect`` runs,
+so subscribers catch up from the database on whatever they may have missed.
+
+The LISTEN connection uses the direct URL (LISTEN does not survive transaction pooling)
+and is claimed in the connection budget.
 """
 
 from __future__ import annotations
@@ -19,6 +48,21 @@ from tierline.settings import Settings
 log = get_logger(__name__)
 
 Handler = Callable[[str, str], None]
+
+JOBS_CHANNEL = "tierline_jobs"
+CANCEL_CHANNEL = "tierline_cancel"
+EVENTS_CHANNEL = "tierline_events"
+ALL = "*"  # a tierline_events payload: any job may have new events (see the * rule above)
+
+
+def event_job_ids(payload: str) -> list[int] | None:
+    """The job ids a ``tierline_events`` payload names; None for ``*`` (any job).
+
+    Parts that are not ids are skipped: a payload is a hint, and anyone allowed to
+    NOTIFY can send one."""
+    if payload == ALL:
+        return None
+    return [int(part) for part in payload.split(",") if part.isascii() and part.isdigit()]
 
 
 class Listener:

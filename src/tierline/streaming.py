@@ -1,4 +1,5 @@
-"""Job event streams, fanned out in-process from one LISTEN connection per web replica.
+"""Job event streams: each client's buffer (``Subscription``) and the per-replica
+``EventHub`` that fills them, fed by one LISTEN connection per web replica.
 
 A subscriber registers with the ``EventHub`` first, then replays what the database holds
 after its position (a page at a time, holding a pooled connection only for each query),
@@ -10,6 +11,9 @@ Positions: a job's stream is ordered by its per-job ``seq`` (assigned under the 
 row lock, so commit order equals seq order). The firehose is ordered by ``(xid, id)`` and
 only reads rows of transactions older than every running one, so nothing can commit
 behind a cursor. See ``firehose_after`` in ``sql/queries.sql``.
+
+The wire format (``Event`` frames, ``Last-Event-ID``) is in ``tierline.sse``; what the
+notifications say, in ``tierline.notifications``.
 
 Why nothing is lost or repeated: whatever the hub read before a subscriber registered was
 committed (or, for the firehose, became visible) before the subscriber's replay began, so
@@ -26,145 +30,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
 from tierline import metrics
+from tierline.coalesce import Coalescer
 from tierline.database import Conn, describe_error
+from tierline.errors import TierlineError
+from tierline.jobs import FINAL_STATES
 from tierline.logs import get_logger
+from tierline.notifications import EVENTS_CHANNEL, event_job_ids
 from tierline.queries import QUERIES
+from tierline.sse import Event
 
 log = get_logger(__name__)
-K = TypeVar("K")
-V = TypeVar("V")
 
-FINAL = frozenset({"succeeded", "failed", "cancelled"})
 PAGE = 500
-MAX_SEQ = 2**31 - 1  # job_events.seq is an integer
-SEP = "\r\n"  # the line separator of the SSE frames
-_FIREHOSE_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
-_MAX_XID = 2**64 - 1  # xid8 is unsigned 64-bit
-_MAX_ID = 2**63 - 1  # job_events.id is a bigint
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One stored job event, as the streams send it."""
-
-    job_id: int
-    seq: int
-    type: str
-    queue: str
-    kind: str
-    data: Any
-    at: str
-    xid: int = 0
-    id: int = 0
-    _frames: dict[bool, bytes] = field(default_factory=dict, compare=False, repr=False)
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Event:
-        return cls(
-            job_id=row["job_id"],
-            seq=row["seq"],
-            type=row["type"],
-            queue=row["queue"],
-            kind=row["kind"],
-            data=row["data"],
-            at=row["at"].isoformat(),
-            xid=int(row.get("xid") or 0),
-            id=int(row.get("id") or 0),
-        )
-
-    def payload(self) -> dict[str, Any]:
-        """The event's JSON (the `data:` of its SSE frame)."""
-        return {
-            "job_id": self.job_id,
-            "seq": self.seq,
-            "type": self.type,
-            "queue": self.queue,
-            "kind": self.kind,
-            "at": self.at,
-            "data": self.data,
-        }
-
-    @property
-    def firehose_id(self) -> str:
-        return f"{self.xid}-{self.id}"
-
-    def frame(self, firehose: bool) -> bytes:
-        """The event as an SSE frame, encoded once however many streams send it (the
-        hub hands one ``Event`` to every subscriber of its job)."""
-        cached = self._frames.get(firehose)
-        if cached is None:
-            # Compact JSON has no line breaks, so the data fits one `data:` line.
-            data = json.dumps(self.payload(), separators=(",", ":"), default=str)
-            eid = self.firehose_id if firehose else str(self.seq)
-            cached = f"id: {eid}{SEP}event: {self.type}{SEP}data: {data}{SEP}{SEP}".encode()
-            self._frames[firehose] = cached
-        return cached
-
-
-def parse_firehose_id(value: str) -> tuple[int, int]:
-    """Parse a firehose ``Last-Event-ID`` (``XID-ID``); ValueError when malformed."""
-    m = _FIREHOSE_ID.match(value.strip())
-    if not m or int(m[1]) > _MAX_XID or int(m[2]) > _MAX_ID:
-        raise ValueError("expected XID-ID as sent in the stream's id: field")
-    return int(m[1]), int(m[2])
-
-
-def parse_seq(value: str) -> int:
-    """Parse a job stream's ``Last-Event-ID`` (a seq); ValueError when malformed."""
-    text = value.strip()
-    if not text.isascii() or not text.isdigit() or len(text) > 10 or int(text) > MAX_SEQ:
-        raise ValueError(f"expected the seq number of one of the job's events (0..{MAX_SEQ})")
-    return int(text)
-
-
-class Coalescer(Generic[K, V]):
-    """Answers concurrent lookups with one query per round: while a round's query runs,
-    new keys wait for the next one, so a burst of N new streams (every client of a
-    restarted replica reconnecting at once) costs a few queries and one pooled
-    connection, not N of each."""
-
-    def __init__(self, run: Callable[[list[K]], Awaitable[dict[K, V]]], max_batch: int) -> None:
-        self._run = run
-        self._max = max_batch
-        self._waiting: list[tuple[K, asyncio.Future[V | None]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def get(self, key: K) -> V | None:
-        fut: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((key, fut))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._rounds(), name="stream-lookups")
-        return await fut
-
-    async def _rounds(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
-            batch = [(k, f) for k, f in batch if not f.done()]  # callers that gave up
-            if not batch:
-                continue
-            try:
-                found = await self._run(list(dict.fromkeys(k for k, _ in batch)))
-            except Exception as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for key, fut in batch:
-                if not fut.done():
-                    fut.set_result(found.get(key))
-
-
-class StreamClosed(Exception):
+class StreamClosed(TierlineError):
     """The subscriber fell too far behind and was disconnected (it may resume)."""
 
 
@@ -246,7 +133,8 @@ class Subscription:
                 self.sending = True
                 yield ev
                 self.sending = False
-                if self.job_id is not None and ev.type in FINAL:
+                # A job's final event has its final state as its type.
+                if self.job_id is not None and ev.type in FINAL_STATES:
                     return
                 if self.overflowed:
                     raise StreamClosed("client too slow")
@@ -269,7 +157,7 @@ class Subscription:
                 self.sending = True
                 yield live
                 self.sending = False
-                if self.job_id is not None and live.type in FINAL:
+                if self.job_id is not None and live.type in FINAL_STATES:
                     return
 
     async def _replay(self) -> AsyncIterator[Event]:
@@ -311,8 +199,12 @@ class EventHub:
         self.closed = False
         self.fetches = 0
         self._active = 0  # subscribers, kept as a count: checked on every admission
-        self._heads: Coalescer[int, tuple[str, int]] = Coalescer(self._read_heads, 1000)
-        self._pages: Coalescer[tuple[int, int], list[Event]] = Coalescer(self._read_pages, 200)
+        self._heads: Coalescer[int, tuple[str, int]] = Coalescer(
+            self._read_heads, 1000, name="stream-lookups"
+        )
+        self._pages: Coalescer[tuple[int, int], list[Event]] = Coalescer(
+            self._read_pages, 200, name="stream-lookups"
+        )
 
     # -- subscribers ------------------------------------------------------------------------
     @property
@@ -409,16 +301,13 @@ class EventHub:
     # -- notifications ----------------------------------------------------------------------
     def notify(self, channel: str, payload: str) -> None:
         """Called for each ``tierline_events`` notification (payload: job ids or ``*``)."""
-        if channel != "tierline_events":
+        if channel != EVENTS_CHANNEL:
             return
-        if payload == "*":
+        job_ids = event_job_ids(payload)
+        if job_ids is None:
             self._dirty_all = True
         else:
-            for part in payload.split(","):
-                if part.isdigit():
-                    job_id = int(part)
-                    if job_id in self.by_job:
-                        self._dirty_jobs.add(job_id)
+            self._dirty_jobs.update(j for j in job_ids if j in self.by_job)
         if self._dirty_jobs or self._dirty_all or self.firehose:
             self._wake.set()
 

@@ -1,6 +1,8 @@
 -- Tierline's queries, by name. `tierline.queries` loads every `-- name: NAME` block.
 -- Parameters use psycopg's %(name)s style. A data-modifying CTE always runs; a plain
 -- SELECT CTE runs only when referenced, hence the `notified` CTEs are referenced below.
+-- What each `pg_notify` sends on which channel, and why more than 300 job ids become '*':
+-- the NOTIFY protocol in `tierline.notifications`.
 
 -- name: enqueue
 -- One job; with an idempotency key that exists already, nothing is inserted and the

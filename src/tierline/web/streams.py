@@ -17,17 +17,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
 from tierline import metrics
-from tierline.jobs import KIND_PATTERN, QUEUE_PATTERN
+from tierline.jobs import FINAL_STATES, KIND_PATTERN, QUEUE_PATTERN
 from tierline.logs import get_logger
-from tierline.streaming import (
-    FINAL,
-    MAX_SEQ,
-    SEP,
-    StreamClosed,
-    Subscription,
-    parse_firehose_id,
-    parse_seq,
-)
+from tierline.sse import MAX_SEQ, SEP, parse_firehose_id, parse_seq
+from tierline.streaming import StreamClosed, Subscription
 from tierline.web.errors import COMMON, ApiError, ErrorResponse
 from tierline.web.jobs import JobId
 from tierline.web.runtime import Runtime, scoped
@@ -80,7 +73,7 @@ async def job_events(
             "bad_request",
             f"Last-Event-ID: {position} is beyond job {job_id}'s last event ({last_seq})",
         )
-    if state in FINAL and position == last_seq:
+    if state in FINAL_STATES and position == last_seq:
         return Response(status_code=204)
     sub = Subscription(rt.hub, job_id=job_id, after=position, head=last_seq)
     return await _stream(rt, sub, firehose=False)
