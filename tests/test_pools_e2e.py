@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import make_settings
 from tests.helpers import ROOT, Cluster, Proc, base_env, free_port, query, wait_for
 from tests.servers import PrivateServer
-from tierline import database
+from tierline import backoff, database
 
 pytestmark = pytest.mark.e2e
 
@@ -529,10 +529,10 @@ def test_replica_waits_with_backoff_until_the_database_comes(tmp_path: Path) -> 
 
 
 def test_backoff_delays_are_exponential_with_full_jitter() -> None:
-    delays = database.backoff_delays(base=0.5, cap=10.0)
+    delays = backoff.backoff_delays(base=0.5, cap=10.0)
     for n in range(10):
         assert 0 <= next(delays) <= min(10.0, 0.5 * 2**n)
-    capped = database.backoff_delays(base=1.0, cap=4.0)
+    capped = backoff.backoff_delays(base=1.0, cap=4.0)
     late = [next(capped) for _ in range(200)][3:]  # capped from the 3rd draw on
     assert max(late) <= 4.0 and min(late) < 1.0 and max(late) > 3.0  # spread over [0, cap]
 

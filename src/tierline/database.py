@@ -1,4 +1,4 @@
-"""Connections: one-off connections with backoff, and the per-tier pool.
+"""Connections: one-off connections with backoff, and every connection pool Tierline opens.
 
 Nothing here keeps session state on pooled connections (no SET, no session advisory
 locks), so pools may point at PgBouncer in transaction mode. Server-side prepared
@@ -8,10 +8,7 @@ statements are only used when the pool talks to PostgreSQL directly (or when ena
 from __future__ import annotations
 
 import asyncio
-import random
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -19,6 +16,7 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from tierline.backoff import backoff_delays
 from tierline.errors import DatabaseUnavailable
 from tierline.logs import get_logger
 from tierline.settings import Settings
@@ -28,14 +26,6 @@ log = get_logger(__name__)
 Conn = psycopg.AsyncConnection[DictRow]
 
 POOL_RECONNECT_S = 30.0  # how long a pool keeps retrying one failed connection (seconds)
-
-
-def backoff_delays(base: float = 0.1, cap: float = 10.0) -> Any:
-    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**n))."""
-    n = 0
-    while True:
-        yield random.uniform(0, min(cap, base * 2**n))
-        n += 1
 
 
 def uses_pooler(settings: Settings) -> bool:
@@ -83,43 +73,65 @@ async def connect(
 
 
 def make_pool(
-    settings: Settings, *, min_size: int, max_size: int, name: str
+    settings: Settings, *, min_size: int, max_size: int, name: str, direct: bool = False
 ) -> AsyncConnectionPool[Conn]:
-    """A pool that is not open yet; ``await pool.open()`` starts it.
+    """A replica's pool (or a CLI command's, ``direct`` for the direct URL); not open yet:
+    ``await pool.open()`` starts it.
 
     One background worker opens connections one at a time, so a replica's minimum is
     reached gradually rather than as a burst.
     """
-    return AsyncConnectionPool(
-        settings.dsn(),
+    return _pool(
+        settings.direct_dsn() if direct else settings.dsn(),
         min_size=min_size,
         max_size=max_size,
-        timeout=settings.db_pool_timeout_s,
-        open=False,
         name=name,
+        connection={
+            "prepare_threshold": prepare_threshold(settings),
+            "application_name": f"tierline-{name}",
+            "connect_timeout": max(1, round(settings.db_connect_timeout_s)),
+        },
+        timeout=settings.db_pool_timeout_s,
         num_workers=1,
         # psycopg_pool retries a failed connection after ~1, 2, 4... s (x2, +-10% jitter)
         # and gives up after this long; the next request that needs a connection starts
         # over. 0 would mean "give up after one immediate retry", leaving the pool below
         # its minimum after any refusal (e.g. "too many clients" during a rollout).
         reconnect_timeout=POOL_RECONNECT_S,
-        connection_class=psycopg.AsyncConnection[DictRow],
-        kwargs={
-            "autocommit": True,
-            "row_factory": dict_row,
-            "prepare_threshold": prepare_threshold(settings),
-            "application_name": f"tierline-{name}",
-            "connect_timeout": max(1, round(settings.db_connect_timeout_s)),
-        },
         check=check_if_idle,
         reset=_mark_returned,
     )
 
 
-@asynccontextmanager
-async def transaction(pool: AsyncConnectionPool[Conn]) -> AsyncIterator[Conn]:
-    async with pool.connection() as conn, conn.transaction():
-        yield conn
+def standalone_pool(
+    dsn: str, *, max_size: int = 2, name: str = "enqueue"
+) -> AsyncConnectionPool[Conn]:
+    """A small pool for a process that runs no tier and only enqueues (a script, a sync
+    web framework): it has a DSN but no tier settings; psycopg's and psycopg_pool's
+    defaults otherwise. Not open yet: ``await pool.open()`` starts it."""
+    return _pool(dsn, min_size=1, max_size=max_size, name=name)
+
+
+def _pool(
+    dsn: str,
+    *,
+    min_size: int,
+    max_size: int,
+    name: str,
+    connection: dict[str, Any] | None = None,
+    **options: Any,
+) -> AsyncConnectionPool[Conn]:
+    """The one place pools are built: autocommit connections returning dict rows."""
+    return AsyncConnectionPool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        name=name,
+        connection_class=Conn,
+        kwargs={"autocommit": True, "row_factory": dict_row, **(connection or {})},
+        **options,
+    )
 
 
 # When each pooled connection was last handed back (it was healthy then).

@@ -17,7 +17,8 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from tierline import logs, metrics
-from tierline.database import Conn, backoff_delays, describe_error
+from tierline.backoff import backoff_delays
+from tierline.database import Conn, describe_error
 from tierline.logs import get_logger
 from tierline.queries import QUERIES
 

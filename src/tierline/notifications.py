@@ -41,7 +41,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import psycopg
 
-from tierline.database import backoff_delays, connect, describe_error
+from tierline.backoff import backoff_delays
+from tierline.database import connect, describe_error
 from tierline.logs import get_logger
 from tierline.settings import Settings
 

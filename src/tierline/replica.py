@@ -20,8 +20,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from tierline import __version__, budget, metrics, migrations
+from tierline.backoff import backoff_delays
 from tierline.cores import Cores, usable_cores
-from tierline.database import Conn, backoff_delays, connect, describe_error, make_pool
+from tierline.database import Conn, connect, describe_error, make_pool
 from tierline.errors import SchemaError
 from tierline.logs import get_logger
 from tierline.queries import QUERIES

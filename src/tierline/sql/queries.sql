@@ -444,10 +444,6 @@ WHERE state IN ('succeeded', 'failed', 'cancelled')
   AND finished_at > now() - interval '15 minutes'
 GROUP BY queue;
 
--- name: recent_failures
-SELECT id, queue, kind, attempt, error, finished_at FROM tierline.jobs
-WHERE state = 'failed' ORDER BY finished_at DESC NULLS LAST LIMIT %(limit)s;
-
 -- name: stats_get
 SELECT value, extract(epoch FROM now() - updated_at) AS age_s
 FROM tierline.stats WHERE key = %(key)s;
