@@ -22,9 +22,11 @@ from psycopg_pool import AsyncConnectionPool
 
 from tierline import metrics
 from tierline.app import App, Handler
+from tierline.backoff import full_jitter
 from tierline.context import JobContext
 from tierline.database import Conn, describe_error
 from tierline.flusher import Finish, Flusher
+from tierline.lifecycle import SideTasks
 from tierline.logs import get_logger
 from tierline.maintenance import Maintenance
 from tierline.notifications import CANCEL_CHANNEL, JOBS_CHANNEL
@@ -41,8 +43,8 @@ CLAIM_COALESCE_S = 0.005  # busy workers wait this long to claim several slots a
 
 
 def retry_delay(attempt: int) -> float:
-    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
-    return random.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(attempt, 30)))
+    """The delay before a failed job's next attempt (a handler's ``Retry`` may set one)."""
+    return full_jitter(attempt, RETRY_BASE_S, RETRY_CAP_S)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Running:
     queue: str
     kind: str
     ctx: JobContext
+    cancel: asyncio.Event  # what the handler's ``ctx.cancel_requested`` reads
     task: asyncio.Task[None] | None = None
     cancel_deadline: float | None = None
     done: bool = False
@@ -88,13 +91,38 @@ class Worker:
         for kind in (k for k, h in app.handlers.items() if h.queue not in self.queues):
             log.debug("handler's default queue is not worked here", kind=kind)
 
+    # -- the run loop ---------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> bool:
+        """Claim and run jobs until ``stop`` is set, then drain: running jobs get the
+        shutdown grace period, the rest are handed back. A loop that ends on its own
+        (a crash, logged) sets ``stop`` too; then the answer is False."""
+        loops = SideTasks(stop)
+        loops.start(self.flusher.run(), "flusher")
+        loops.start(self.renew_forever(), "lease-renewal")
+        loops.start(self.maintenance.run(), "maintenance")
+        claimer = loops.start(self.claim_forever(), "claimer")
+        await stop.wait()
+        crashed = bool(loops.crashed)
+        await self.drain(self.settings.worker_shutdown_grace_s, claimer)
+        await loops.cancel()
+        return not crashed
+
     # -- wake-ups -----------------------------------------------------------------------------
+    def wake(self) -> None:
+        """There may be due jobs: claim without waiting for the poll interval."""
+        self._more = True
+        self._wake.set()
+
+    async def listen_connected(self) -> None:
+        """The LISTEN connection is (back) up: a notification may have been missed while
+        it was down, so look for work now."""
+        self.wake()
+
     def notify(self, channel: str, payload: str) -> None:
         """Called by the replica's LISTEN connection."""
         if channel == JOBS_CHANNEL:
             if payload in self.queues:
-                self._more = True
-                self._wake.set()
+                self.wake()
         elif channel == CANCEL_CHANNEL:
             try:
                 self.request_cancel(int(payload))
@@ -105,7 +133,7 @@ class Worker:
         run = self.running.get(job_id)
         if run is not None and run.cancel_deadline is None:
             log.info("cancel requested", job_id=job_id)
-            run.ctx._request_cancel()
+            run.cancel.set()
             run.cancel_deadline = time.monotonic() + self.settings.worker_cancel_grace_s
             self._loop.call_later(self.settings.worker_cancel_grace_s, self._hard_cancel, job_id)
 
@@ -173,6 +201,7 @@ class Worker:
     def _start(self, row: dict[str, Any]) -> None:
         job_id, attempt, queue = row["id"], row["attempt"], row["queue"]
         metrics.JOB_PICKUP.labels(queue).observe(max(0.0, float(row["pickup_s"] or 0.0)))
+        cancel = asyncio.Event()
         ctx = JobContext(
             job_id=job_id,
             kind=row["kind"],
@@ -183,8 +212,9 @@ class Worker:
             emit=self.flusher.event,
             loop=self._loop,
             pool=self.pool,
+            cancel=cancel,
         )
-        run = Running(job_id, attempt, queue, row["kind"], ctx)
+        run = Running(job_id, attempt, queue, row["kind"], ctx, cancel)
         self.running[job_id] = run
         self.held[job_id] = attempt
         run.task = self._loop.create_task(self._execute(run, row))
@@ -232,9 +262,9 @@ class Worker:
             )
         except Exception as exc:
             finish = self._failure(run, row, exc, finish)
+        # (A job that succeeded before it reacted to a cancel request keeps its result:
+        # the work is done.)
         finish.duration_s = time.perf_counter() - started
-        if finish.state == "succeeded" and run.cancel_deadline is not None:
-            pass  # it finished before reacting to the cancel: the work is done, keep it
         run.done = True
         self.running.pop(run.job_id, None)
         self._slot_freed.set()
