@@ -241,7 +241,9 @@ WITH upd AS (
     SELECT pg_notify('tierline_jobs', q)
     FROM (SELECT DISTINCT queue AS q FROM upd WHERE state = 'available') s
     UNION ALL
-    SELECT pg_notify('tierline_events', string_agg(id::text, ',')) FROM upd HAVING count(*) > 0
+    SELECT pg_notify('tierline_events',
+                     CASE WHEN count(*) > 300 THEN '*' ELSE string_agg(id::text, ',') END)
+    FROM upd HAVING count(*) > 0
 )
 SELECT id, state FROM upd WHERE (SELECT count(*) FROM notified) >= 0;
 
