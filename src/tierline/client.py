@@ -18,8 +18,7 @@ from typing import Any
 import httpx
 
 from tierline.errors import TierlineError
-
-FINAL = ("succeeded", "failed", "cancelled")
+from tierline.jobs import FINAL_STATES
 
 
 class ClientError(TierlineError):
@@ -103,16 +102,30 @@ class _Following:
         self.retries = retries
         self.count = 0
         self.failures = 0
+        self.complete = False
+        self.parser = SSEParser()
 
     def headers(self) -> dict[str, str]:
         return {"Last-Event-ID": self.last} if self.last else {}
 
-    def seen(self, ev: StreamEvent) -> bool:
-        """Record an event; True when the stream is complete."""
-        self.failures = 0
-        self.last = ev.id or self.last
-        self.count += 1
-        return ev.type in FINAL or bool(self.max_events and self.count >= self.max_events)
+    def opened(self, resp: httpx.Response) -> bool:
+        """A stream answered (its body read if it is an error): raise a refusal; True
+        when there is nothing more to follow (204: finished, every event seen)."""
+        _check(resp)
+        self.parser = SSEParser()
+        return resp.status_code == 204
+
+    def feed(self, line: str) -> StreamEvent | None:
+        """One line of the stream; the event it completes, recorded, or None."""
+        ev = self.parser.feed(line)
+        if ev is not None:
+            self.failures = 0
+            self.last = ev.id or self.last
+            self.count += 1
+            self.complete = ev.type in FINAL_STATES or bool(
+                self.max_events and self.count >= self.max_events
+            )
+        return ev
 
     def retryable(self, exc: ClientError) -> None:
         """Re-raise refusals; 502/503/504 are worth another replica."""
@@ -129,7 +142,48 @@ class _Following:
         return min(5.0, 0.1 * 2.0 ** min(self.failures, 6))
 
 
-class Client:
+class _Endpoints:
+    """What both clients share: the base URLs they rotate through on reconnect, the auth
+    header, the timeouts and the reconnect count."""
+
+    def __init__(
+        self,
+        url: str | Iterable[str],
+        *,
+        api_key: str | None,
+        timeout: float,
+        retries: int,
+        stream_timeout: float | None,
+    ) -> None:
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("at least one URL is needed")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = httpx.Timeout(timeout)
+        self.stream_timeout = httpx.Timeout(timeout, read=stream_timeout)
+        self.retries = retries
+        self._next = itertools.cycle(self.urls)
+        self.url = next(self._next)
+        self.reconnects = 0
+
+    def rotate(self) -> None:
+        """After a failed stream: the next replica."""
+        self.reconnects += 1
+        self.url = next(self._next)
+
+    def stream_args(self, state: _Following) -> dict[str, Any]:
+        return {
+            "method": "GET",
+            "url": f"{self.url}/v1/jobs/{state.job_id}/events",
+            "headers": state.headers(),
+            "timeout": self.stream_timeout,
+        }
+
+    def unreachable(self, exc: httpx.HTTPError) -> ClientError:
+        return ClientError(f"cannot reach {self.url}: {exc}")
+
+
+class Client(_Endpoints):
     """Synchronous client. ``url``: one web replica, or several to rotate through on
     reconnect. ``stream_timeout``: seconds without a byte on a stream (heartbeats count)
     before it is taken for dead and resumed; keep it above the server's heartbeat."""
@@ -143,16 +197,10 @@ class Client:
         retries: int = 20,
         stream_timeout: float | None = 60.0,
     ) -> None:
-        self.urls = [url] if isinstance(url, str) else list(url)
-        if not self.urls:
-            raise ValueError("at least one URL is needed")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout))
-        self.stream_timeout = httpx.Timeout(timeout, read=stream_timeout)
-        self.retries = retries
-        self._next = itertools.cycle(self.urls)
-        self.url = next(self._next)
-        self.reconnects = 0
+        super().__init__(
+            url, api_key=api_key, timeout=timeout, retries=retries, stream_timeout=stream_timeout
+        )
+        self.http = httpx.Client(headers=self.headers, timeout=self.timeout)
 
     def __enter__(self) -> Client:
         return self
@@ -161,8 +209,7 @@ class Client:
         self.http.close()
 
     def enqueue(self, body: dict[str, Any]) -> dict[str, Any]:
-        resp = self._request("POST", "/v1/jobs", json=body)
-        result: dict[str, Any] = resp.json()
+        result: dict[str, Any] = self._request("POST", "/v1/jobs", json=body).json()
         return result
 
     def get(self, job_id: int) -> dict[str, Any]:
@@ -173,7 +220,7 @@ class Client:
         try:
             resp = self.http.request(method, self.url + path, **kw)
         except httpx.HTTPError as exc:
-            raise ClientError(f"cannot reach {self.url}: {exc}") from None
+            raise self.unreachable(exc) from None
         _check(resp)
         return resp
 
@@ -184,35 +231,27 @@ class Client:
         state = _Following(job_id, after, max_events, self.retries)
         while True:
             try:
-                with self.http.stream(
-                    "GET",
-                    f"{self.url}/v1/jobs/{job_id}/events",
-                    headers=state.headers(),
-                    timeout=self.stream_timeout,
-                ) as resp:
+                with self.http.stream(**self.stream_args(state)) as resp:
                     if resp.status_code >= 400:
                         resp.read()
-                        _check(resp)
-                    if resp.status_code == 204:
-                        return  # the job finished and every event has been seen
-                    parser = SSEParser()
+                    if state.opened(resp):
+                        return
                     for line in resp.iter_lines():
-                        ev = parser.feed(line)
+                        ev = state.feed(line)
                         if ev is not None:
                             yield ev
-                            if state.seen(ev):
+                            if state.complete:
                                 return
             except ClientError as exc:
                 state.retryable(exc)
             except (httpx.HTTPError, OSError):
                 pass
             delay = state.failed()
-            self.reconnects += 1
-            self.url = next(self._next)
+            self.rotate()
             time.sleep(delay)
 
 
-class AsyncClient:
+class AsyncClient(_Endpoints):
     """Asynchronous twin of ``Client``."""
 
     def __init__(
@@ -224,16 +263,10 @@ class AsyncClient:
         retries: int = 20,
         stream_timeout: float | None = 60.0,
     ) -> None:
-        self.urls = [url] if isinstance(url, str) else list(url)
-        if not self.urls:
-            raise ValueError("at least one URL is needed")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout))
-        self.stream_timeout = httpx.Timeout(timeout, read=stream_timeout)
-        self.retries = retries
-        self._next = itertools.cycle(self.urls)
-        self.url = next(self._next)
-        self.reconnects = 0
+        super().__init__(
+            url, api_key=api_key, timeout=timeout, retries=retries, stream_timeout=stream_timeout
+        )
+        self.http = httpx.AsyncClient(headers=self.headers, timeout=self.timeout)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -242,8 +275,7 @@ class AsyncClient:
         await self.http.aclose()
 
     async def enqueue(self, body: dict[str, Any]) -> dict[str, Any]:
-        resp = await self._request("POST", "/v1/jobs", json=body)
-        result: dict[str, Any] = resp.json()
+        result: dict[str, Any] = (await self._request("POST", "/v1/jobs", json=body)).json()
         return result
 
     async def get(self, job_id: int) -> dict[str, Any]:
@@ -254,39 +286,32 @@ class AsyncClient:
         try:
             resp = await self.http.request(method, self.url + path, **kw)
         except httpx.HTTPError as exc:
-            raise ClientError(f"cannot reach {self.url}: {exc}") from None
+            raise self.unreachable(exc) from None
         _check(resp)
         return resp
 
     async def follow(
         self, job_id: int, *, after: int = 0, max_events: int | None = None
     ) -> AsyncIterator[StreamEvent]:
+        """A job's events from ``after`` to its final event, resuming on disconnects."""
         state = _Following(job_id, after, max_events, self.retries)
         while True:
             try:
-                async with self.http.stream(
-                    "GET",
-                    f"{self.url}/v1/jobs/{job_id}/events",
-                    headers=state.headers(),
-                    timeout=self.stream_timeout,
-                ) as resp:
+                async with self.http.stream(**self.stream_args(state)) as resp:
                     if resp.status_code >= 400:
                         await resp.aread()
-                        _check(resp)
-                    if resp.status_code == 204:
-                        return  # the job finished and every event has been seen
-                    parser = SSEParser()
+                    if state.opened(resp):
+                        return
                     async for line in resp.aiter_lines():
-                        ev = parser.feed(line)
+                        ev = state.feed(line)
                         if ev is not None:
                             yield ev
-                            if state.seen(ev):
+                            if state.complete:
                                 return
             except ClientError as exc:
                 state.retryable(exc)
             except (httpx.HTTPError, OSError):
                 pass
             delay = state.failed()
-            self.reconnects += 1
-            self.url = next(self._next)
+            self.rotate()
             await asyncio.sleep(delay)

@@ -27,21 +27,6 @@ class State(StrEnum):
 FINAL_STATES = frozenset({State.succeeded, State.failed, State.cancelled})
 
 
-WAITING = (State.scheduled, State.available, State.retrying)
-FINAL = (State.succeeded, State.failed, State.cancelled)
-EVENT_TYPES = (
-    "enqueued",
-    "started",
-    "progress",
-    "log",
-    "retrying",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
-FINAL_EVENTS = ("succeeded", "failed", "cancelled")
-
-
 class JobRequest(BaseModel):
     """A job to enqueue. Unset options take the handler's defaults."""
 

@@ -15,9 +15,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from tierline import metrics
 from tierline.database import Conn
+from tierline.jobs import State
 from tierline.queries import QUERIES
 
-STATES = ("scheduled", "available", "running", "retrying", "succeeded", "failed", "cancelled")
 FRESH_S = 5.0  # a snapshot younger than this is used as it is
 LOCAL_CACHE_S = 2.0  # and read from the database at most this often per process
 
@@ -133,7 +133,7 @@ async def compute_queue_stats(conn: Conn) -> dict[str, Any]:
             name,
             {
                 "queue": name,
-                "counts": dict.fromkeys(STATES, 0),
+                "counts": {state.value: 0 for state in State},
                 "oldest_available_age_s": None,
                 "throughput_per_s": {"1m": 0.0, "5m": 0.0, "15m": 0.0},
                 "finished": {"1m": 0, "5m": 0, "15m": 0},

@@ -21,6 +21,7 @@ from tierline.errors import (
     InvalidJob,
     InvalidTransition,
     JobNotFound,
+    TierlineError,
     UnknownKind,
 )
 from tierline.logs import get_logger
@@ -39,7 +40,9 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class ApiError(Exception):
+class ApiError(TierlineError):
+    """An HTTP error answer: ``status``, a stable ``code`` and a message, as JSON."""
+
     def __init__(
         self,
         status: int,
