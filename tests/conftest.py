@@ -19,14 +19,26 @@ import pytest
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from tests import helpers
-from tests.helpers import admin_connect, pooled, with_dbname
-from tests.jobs_app import RUNS_TABLE
-from tierline import migrations
+from tests.helpers import ROOT
+from tests.jobs_app import RUNS_TABLE, TEST_APP
 from tierline.settings import Settings
+from tierline.testing import routing
+from tierline.testing.databases import (
+    admin_connect,
+    scratch_database,
+    template_database,
+    with_dbname,
+)
+from tierline.testing.processes import Cluster
+from tierline.testing.routing import ROLE_PASSWORD, pooled
 
 _RUN = uuid.uuid4().hex[:8]
 _COUNTER = iter(range(1, 1_000_000))
+
+# Started processes import the test applications (tests.jobs_app) as this one does.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+)
 
 
 @pytest.fixture(scope="session")
@@ -44,41 +56,26 @@ def server_url() -> Iterator[str]:
 @pytest.fixture(scope="session", autouse=True)
 def pgbouncer_mode(request: pytest.FixtureRequest) -> Iterator[None]:
     """TIERLINE_TEST_PGBOUNCER=1: every test's pools go through a real PgBouncer in
-    transaction mode (``helpers.pooled``); LISTEN and migrations stay direct."""
+    transaction mode (``routing.pooled``); LISTEN and migrations stay direct."""
     if os.environ.get("TIERLINE_TEST_PGBOUNCER", "") in ("", "0"):
         yield
         return
-    from tests.servers import PgBouncer
+    from tierline.testing.pgbouncer import PgBouncer
 
     bouncer = PgBouncer(request.getfixturevalue("server_url")).start()
-    helpers.POOLER = bouncer
+    routing.use_pooler(bouncer)
     try:
         yield
     finally:
-        helpers.POOLER = None
+        routing.use_pooler(None)
         bouncer.stop()
 
 
 @pytest.fixture(scope="session")
 def template_db(server_url: str) -> Iterator[str]:
-    name = f"tl_tpl_{_RUN}"
-    with admin_connect(server_url) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = with_dbname(server_url, name)
-
-    async def setup() -> None:
-        conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
-        try:
-            await migrations.migrate(conn)  # type: ignore[arg-type]
-            await conn.execute(RUNS_TABLE)
-        finally:
-            await conn.close()
-
-    asyncio.run(setup())
-    yield name
-    with admin_connect(server_url) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """The migrated template (with the test app's ``public.runs``) each test copies."""
+    with template_database(server_url, f"tl_tpl_{_RUN}", RUNS_TABLE) as name:
+        yield name
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -92,13 +89,11 @@ def roles_mode(request: pytest.FixtureRequest) -> Iterator[None]:
     url = with_dbname(request.getfixturevalue("server_url"), request.getfixturevalue("template_db"))
     roles = {"web": f"tl_{_RUN}_web", "worker": f"tl_{_RUN}_worker"}
     asyncio.run(_grant_test_roles(url, roles))
-    helpers.ROLES.update(roles)
-    helpers.ROLE_SERVER = helpers.server_of(url)
+    routing.use_roles(roles, url)
     try:
         yield
     finally:
-        helpers.ROLES.clear()
-        helpers.ROLE_SERVER = ""
+        routing.use_roles({})
         with admin_connect(url) as conn:  # the template still exists: release its grants
             conn.execute(f"DROP OWNED BY {roles['web']}, {roles['worker']}")
             for role in roles.values():
@@ -117,8 +112,8 @@ async def _grant_test_roles(url: str, roles: dict[str, str]) -> None:
             {},
             web_role=roles["web"],
             worker_role=roles["worker"],
-            web_role_password=helpers.ROLE_PASSWORD,
-            worker_role_password=helpers.ROLE_PASSWORD,
+            web_role_password=ROLE_PASSWORD,
+            worker_role_password=ROLE_PASSWORD,
         )
         # Retention floor 0: tests that prune with short retentions behave as before.
         await create_roles(conn, settings, retention_s=0)
@@ -131,23 +126,15 @@ async def _grant_test_roles(url: str, roles: dict[str, str]) -> None:
 @pytest.fixture
 def db_url(server_url: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated database for one test."""
-    name = f"tl_{_RUN}_{next(_COUNTER)}"
-    with admin_connect(server_url) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    yield with_dbname(server_url, name)
-    with admin_connect(server_url) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(server_url, f"tl_{_RUN}_{next(_COUNTER)}", template=template_db) as url:
+        yield url
 
 
 @pytest.fixture
 def empty_db_url(server_url: str) -> Iterator[str]:
     """A fresh database without the Tierline schema."""
-    name = f"tl_{_RUN}_e{next(_COUNTER)}"
-    with admin_connect(server_url) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield with_dbname(server_url, name)
-    with admin_connect(server_url) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(server_url, f"tl_{_RUN}_e{next(_COUNTER)}") as url:
+        yield url
 
 
 def make_settings(db_url: str, **overrides: Any) -> Settings:
@@ -188,9 +175,7 @@ async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
 
 
 @pytest.fixture
-def cluster(db_url: str, tmp_path: Any) -> Iterator[Any]:
-    from tests.helpers import Cluster
-
+def cluster(db_url: str, tmp_path: Any) -> Iterator[Cluster]:
     c = Cluster(db_url, tmp_path)
     yield c
     c.close()
@@ -199,20 +184,17 @@ def cluster(db_url: str, tmp_path: Any) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def module_db(server_url: str, template_db: str) -> Iterator[str]:
     """One migrated database for a whole module (its processes outlive single tests)."""
-    from tests.faults.support import scratch_database
-
-    with scratch_database(server_url, template_db) as url:
+    with scratch_database(
+        server_url, f"tl_mod_{uuid.uuid4().hex[:10]}", template=template_db
+    ) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def module_cluster(
     module_db: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[Any]:
+) -> Iterator[Cluster]:
     """``tierline`` processes shared by a module's tests, running the test app."""
-    from tests.faults.support import TEST_APP
-    from tests.helpers import Cluster
-
     folder = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
     c = Cluster(module_db, folder, TIERLINE_APP=TEST_APP)
     yield c

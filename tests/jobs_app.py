@@ -14,6 +14,8 @@ from typing import Any
 from tierline import App, Cancel, JobContext, Retry
 
 app = App("tests")
+# What TIERLINE_APP names for processes that run this application.
+TEST_APP = "tests.jobs_app:app"
 
 RUNS_TABLE = (
     "CREATE TABLE IF NOT EXISTS public.runs (job_id bigint, token text, "

@@ -16,8 +16,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.faults.support import report
-from tests.helpers import Cluster, Proc, query
+from tests.helpers import report
+from tierline.testing.databases import query
+from tierline.testing.processes import Cluster, Proc
 
 pytestmark = pytest.mark.e2e
 
@@ -256,7 +257,7 @@ def test_odd_but_valid_input_round_trips(web: tuple[Proc, str], module_cluster: 
         def done() -> bool:
             return all(client.get(f"{url}/v1/jobs/{i}").json()["state"] == "succeeded" for i in ids)
 
-        from tests.helpers import wait_for
+        from tierline.testing.waiting import wait_for
 
         wait_for(done, 60, "the odd jobs to run")
         for job_id, payload in zip(ids, payloads, strict=True):

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, query
+from tests.helpers import ROOT
+from tierline.testing.databases import query
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import ROOT, base_env
+from tests.helpers import ROOT
 from tierline import budget, planning
 from tierline.budget import Cap, PoolPlan
 from tierline.cores import Cores, usable_cores
 from tierline.settings import Settings
+from tierline.testing.processes import tierline_env
 
 
 def cgroup_v2(tmp: Path, path: str, files: dict[str, str]) -> tuple[Path, Path]:
@@ -318,7 +319,7 @@ def run_plan(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def run_cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in base_env("", **extra).items() if "DATABASE" not in k}
+    env = {k: v for k, v in tierline_env("", **extra).items() if "DATABASE" not in k}
     return subprocess.run(
         [sys.executable, "-m", "tierline", *args],
         env=env,

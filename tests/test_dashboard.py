@@ -13,9 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import ARTIFACTS, CHROMIUM, Cluster, wait_for
+from tests.helpers import ARTIFACTS, CHROMIUM
+from tests.jobs_app import TEST_APP
+from tierline.testing.processes import Cluster
+from tierline.testing.waiting import wait_for
 
-TEST_APP = "tests.jobs_app:app"
 needs_chromium = pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="chromium not installed (scripts/system-deps)"
 )

@@ -4,36 +4,24 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.helpers import Cluster, Proc, base_env, free_port, query, wait_for
+from tests.jobs_app import TEST_APP
+from tierline.testing.databases import query
+from tierline.testing.http import enqueue_batch, tokens
+from tierline.testing.ports import free_port
+from tierline.testing.processes import Cluster, Proc, tierline_env
+from tierline.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
-
-TEST_APP = "tests.jobs_app:app"
-
-
-def enqueue_many(url: str, kind: str, n: int, **extra: Any) -> list[int]:
-    ids: list[int] = []
-    with httpx.Client(timeout=30) as client:
-        for start in range(0, n, 1000):
-            jobs = [
-                {"kind": kind, "args": {"token": f"t{i}"}, **extra}
-                for i in range(start, min(n, start + 1000))
-            ]
-            r = client.post(f"{url}/v1/jobs/batch", json={"jobs": jobs})
-            assert r.status_code == 202, r.text
-            ids += [j["id"] for j in r.json()["jobs"]]
-    return ids
 
 
 def test_eight_workers_race_over_5000_jobs_each_runs_once(cluster: Cluster, db_url: str) -> None:
     web, url = cluster.web(TIERLINE_APP=TEST_APP)
     cluster.wait_ready(url, web)
-    ids = enqueue_many(url, "record", 5000)
+    ids = enqueue_batch(url, tokens("record", 5000))
     workers = [
         cluster.worker(
             TIERLINE_APP=TEST_APP, TIERLINE_WORKER_CONCURRENCY=20, TIERLINE_WORKER_DB_POOL_MAX=6
@@ -65,7 +53,7 @@ def test_kill_9_worker_jobs_run_again_after_lease(cluster: Cluster, db_url: str)
     cluster.wait_ready(url, web)
     victim, vurl = cluster.worker(**env, TIERLINE_WORKER_CONCURRENCY=10)
     cluster.wait_ready(vurl, victim)
-    enqueue_many(url, "slow_record", 10)
+    enqueue_batch(url, tokens("slow_record", 10))
     with httpx.Client() as c:
         wait_for(
             lambda: c.get(f"{url}/v1/jobs?state=running").json()["jobs"].__len__() == 10,
@@ -132,7 +120,7 @@ def test_sigterm_finishes_or_hands_back_and_exits_0(cluster: Cluster, db_url: st
 def test_up_on_embedded_database(tmp_path: Path) -> None:
     """README command 1: `tierline up` with no database URL, then a demo job over HTTP."""
     port = free_port()
-    env = base_env("", TIERLINE_WEB_PORT=port, TIERLINE_WORKER_METRICS_PORT=free_port())
+    env = tierline_env("", TIERLINE_WEB_PORT=port, TIERLINE_WORKER_METRICS_PORT=free_port())
     del env["TIERLINE_DATABASE_URL"]
     up = Proc(["up", "--workers", "1"], env, tmp_path / "up.log", cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"

@@ -18,10 +18,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ROOT, Cluster, free_port, query, wait_for
+from tests.helpers import ROOT
+from tests.jobs_app import TEST_APP
 from tierline import metrics
+from tierline.testing.databases import query
+from tierline.testing.http import enqueue_batch
+from tierline.testing.ports import free_port
+from tierline.testing.processes import Cluster
+from tierline.testing.waiting import wait_for
 
-TEST_APP = "tests.jobs_app:app"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "tierline.json"
@@ -67,15 +72,6 @@ def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
     return subprocess.run(
         [PROMTOOL, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
     )
-
-
-def enqueue(client: httpx.Client, url: str, jobs: list[dict[str, Any]]) -> list[int]:
-    ids: list[int] = []
-    for start in range(0, len(jobs), 500):
-        r = client.post(f"{url}/v1/jobs/batch", json={"jobs": jobs[start : start + 500]})
-        assert r.status_code == 202, r.text
-        ids += [j["id"] for j in r.json()["jobs"]]
-    return ids
 
 
 def db_outcomes(db_url: str) -> dict[str, int]:
@@ -225,7 +221,7 @@ def test_metrics_of_both_tiers_pass_promtool_check(cluster: Cluster) -> None:
     with httpx.Client(timeout=10) as client:
         jobs = [{"kind": "add", "args": {"a": i}} for i in range(20)]
         jobs += [{"kind": "give_up", "args": {}}, {"kind": "retry_later", "args": {"delay": 0.1}}]
-        ids = enqueue(client, url, jobs)
+        ids = enqueue_batch(url, jobs, chunk=500, client=client)
         client.get(f"{url}/v1/jobs/{ids[0]}")
         client.get(f"{url}/v1/jobs/999999999")  # a 404 in the histogram too
     wait_for(
@@ -276,7 +272,7 @@ def test_prometheus_scrapes_both_tiers_and_counters_match_the_database(
     jobs += [{"kind": "give_up", "args": {"reason": "not needed"}} for _ in range(100)]
     keyed = [{"kind": "add", "args": {"a": i}, "idempotency_key": f"obs-{i}"} for i in range(20)]
     with prometheus(tmp_path, url, worker_urls) as prom, httpx.Client(timeout=30) as client:
-        enqueue(client, url, jobs)
+        enqueue_batch(url, jobs, chunk=500, client=client)
         for job in keyed:  # one at a time, then again: the repeats create nothing
             assert client.post(f"{url}/v1/jobs", json=job).status_code == 202
         for job in keyed:

@@ -17,8 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Cluster, base_env, query, wait_for
-from tests.servers import PGBOUNCER, PgBouncer
+from tests.jobs_app import TEST_APP
+from tierline.testing.databases import query
+from tierline.testing.http import enqueue, job
+from tierline.testing.pgbouncer import PGBOUNCER, PgBouncer
+from tierline.testing.processes import Cluster, tierline_env
+from tierline.testing.waiting import wait_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -27,8 +31,6 @@ pytestmark = [
         reason="pgbouncer is not installed (scripts/system-deps installs it)",
     ),
 ]
-
-TEST_APP = "tests.jobs_app:app"
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +52,6 @@ class BouncedCluster(Cluster):
         )
 
 
-def job(url: str, job_id: int) -> dict[str, Any]:
-    r = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10)
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    return body
-
-
 def final(url: str, job_id: int, state: str, timeout: float = 30) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
         j = job(url, job_id)
@@ -64,13 +59,6 @@ def final(url: str, job_id: int, state: str, timeout: float = 30) -> dict[str, A
 
     found: dict[str, Any] = wait_for(reached, timeout, f"job {job_id} to be {state}")
     return found
-
-
-def enqueue(url: str, kind: str, args: dict[str, Any] | None = None, **extra: Any) -> int:
-    r = httpx.post(f"{url}/v1/jobs", json={"kind": kind, "args": args or {}, **extra}, timeout=10)
-    assert r.status_code in (200, 202), r.text
-    job_id: int = r.json()["id"]
-    return job_id
 
 
 def sse_events(url: str, job_id: int, timeout: float = 30) -> list[tuple[str, str]]:
@@ -100,9 +88,11 @@ def test_the_core_paths_through_pgbouncer(bouncer: PgBouncer, db_url: str, tmp_p
         cluster.wait_ready(wurl, worker)
 
         # Enqueue (with an idempotency key: exactly once), claim, finish.
-        ids = [enqueue(url, "record", {"token": f"t{i}"}) for i in range(20)]
-        again = enqueue(url, "add", {"a": 2, "b": 3}, idempotency_key="k1")
-        assert enqueue(url, "add", {"a": 2, "b": 3}, idempotency_key="k1") == again
+        ids = [enqueue(url, "record", {"token": f"t{i}"}, expect=(200, 202)) for i in range(20)]
+        again = enqueue(url, "add", {"a": 2, "b": 3}, idempotency_key="k1", expect=(200, 202))
+        assert (
+            enqueue(url, "add", {"a": 2, "b": 3}, idempotency_key="k1", expect=(200, 202)) == again
+        )
         for i in ids:
             final(url, i, "succeeded")
         assert final(url, again, "succeeded")["result"] == 5
@@ -111,26 +101,26 @@ def test_the_core_paths_through_pgbouncer(bouncer: PgBouncer, db_url: str, tmp_p
         assert all(r["n"] == 1 for r in runs)
 
         # Progress events, stored in batches and streamed over SSE until the end.
-        progress = enqueue(url, "progress_sync", {"steps": 5})
+        progress = enqueue(url, "progress_sync", {"steps": 5}, expect=(200, 202))
         events = sse_events(url, progress)
         kinds = [k for k, _ in events]
         assert kinds[0] == "enqueued" and kinds[-1] == "succeeded"
         assert kinds.count("progress") == 5
 
         # Retry with backoff: fails once, then succeeds on the second attempt.
-        flaky = enqueue(url, "flaky", {"succeed_on": 2})
+        flaky = enqueue(url, "flaky", {"succeed_on": 2}, expect=(200, 202))
         done = final(url, flaky, "succeeded")
         assert (done["attempt"], done["result"]) == (2, 2)
 
         # Cancel a running job (the request travels by NOTIFY on the direct connection).
-        obedient = enqueue(url, "obedient")
+        obedient = enqueue(url, "obedient", expect=(200, 202))
         final(url, obedient, "running")
         r = httpx.post(f"{url}/v1/jobs/{obedient}/cancel", timeout=10)
         assert r.status_code == 200, r.text
         final(url, obedient, "cancelled")
 
         # Retry a failed job by hand.
-        failed = enqueue(url, "flaky", {"succeed_on": 9}, max_attempts=1)
+        failed = enqueue(url, "flaky", {"succeed_on": 9}, max_attempts=1, expect=(200, 202))
         final(url, failed, "failed")
         r = httpx.post(f"{url}/v1/jobs/{failed}/retry", timeout=10)
         assert r.status_code == 200, r.text
@@ -179,7 +169,7 @@ def test_replicas_share_few_server_connections(
             cluster.wait_ready(wurl, proc)
         web, url = cluster.web()
         cluster.wait_ready(url, web)
-        ids = [enqueue(url, "record", {"token": f"t{i}"}) for i in range(40)]
+        ids = [enqueue(url, "record", {"token": f"t{i}"}, expect=(200, 202)) for i in range(40)]
         for i in ids:
             final(url, i, "succeeded")
         dbname = db_url.rsplit("/", 1)[1]
@@ -191,7 +181,7 @@ def test_replicas_share_few_server_connections(
 
 
 def test_base_env_routes_through_the_suite_pooler_only_in_pgbouncer_mode(db_url: str) -> None:
-    env = base_env(db_url)
+    env = tierline_env(db_url)
     if os.environ.get("TIERLINE_TEST_PGBOUNCER", "") not in ("", "0"):
         assert env["TIERLINE_DATABASE_URL"] != db_url
         assert env["TIERLINE_DATABASE_DIRECT_URL"] == db_url

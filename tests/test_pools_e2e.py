@@ -31,9 +31,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import make_settings
-from tests.helpers import ROOT, Cluster, Proc, base_env, free_port, query, wait_for
-from tests.servers import PrivateServer
+from tests.helpers import ROOT
 from tierline import backoff, database
+from tierline.testing.databases import query
+from tierline.testing.ports import free_port
+from tierline.testing.postgres import PostgresServer
+from tierline.testing.processes import Cluster, Proc, tierline_env
+from tierline.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -164,7 +168,7 @@ def test_cap_uses_the_cores_of_a_real_cpu_quota(cluster: Cluster, db_url: str) -
         pytest.skip("a 0.5-CPU quota only shows on a machine with 2 or more cores")
     with cpu_quota_cgroup(0.5) as (cgroup, source):
         port = free_port()
-        env = base_env(db_url, TIERLINE_WEB_PORT=port, TIERLINE_WEB_DB_POOL_MAX=500)
+        env = tierline_env(db_url, TIERLINE_WEB_PORT=port, TIERLINE_WEB_DB_POOL_MAX=500)
         # Join the cgroup before Python starts, so the process reads its quota from birth.
         join = ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh"]
         web = Proc(["web"], env, cluster.tmp / "web-quota.log", prefix=join)
@@ -226,7 +230,7 @@ class Sampler(threading.Thread):
 def run_cli(args: list[str], url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tierline", *args],
-        env={**base_env(url), "TIERLINE_DATABASE_URL": url},
+        env={**tierline_env(url), "TIERLINE_DATABASE_URL": url},
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -236,7 +240,7 @@ def run_cli(args: list[str], url: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_twenty_replicas_at_once_never_exceed_the_budget(tmp_path: Path) -> None:
-    with PrivateServer(max_connections=40) as server:
+    with PostgresServer(max_connections=40, synchronous_commit="off") as server:
         # The application connects as an ordinary role: the 3 superuser-reserved slots
         # stay free for the sampler and for admins, as in production.
         server.execute("CREATE ROLE app LOGIN")
@@ -250,7 +254,7 @@ def test_twenty_replicas_at_once_never_exceed_the_budget(tmp_path: Path) -> None
         # Point 4: the plan says up front that 8 + 12 replicas of 3 connections do not fit.
         plan = subprocess.run(
             [sys.executable, "-m", "tierline", "plan", "--web", "8", "--workers", "12"],
-            env={**base_env(url), "TIERLINE_DATABASE_URL": url, **sizes},
+            env={**tierline_env(url), "TIERLINE_DATABASE_URL": url, **sizes},
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -338,7 +342,7 @@ def test_twenty_replicas_at_once_never_exceed_the_budget(tmp_path: Path) -> None
 def test_refused_connections_at_start_up_are_retried(tmp_path: Path) -> None:
     """A server with no slot left refuses the claim connection: the replicas report it
     on /readyz, retry with backoff, and start once slots free; nothing crashes."""
-    with PrivateServer(max_connections=12) as server:
+    with PostgresServer(max_connections=12, synchronous_commit="off") as server:
         server.execute("CREATE ROLE app LOGIN")
         server.execute("CREATE DATABASE tierline OWNER app")
         url = server.url("tierline", user="app")
@@ -501,7 +505,7 @@ def test_job_that_gets_no_connection_is_retried(cluster: Cluster, db_url: str) -
 
 # -- 7. start-up: backoff until the database comes, gradual pools --------------------------------
 def test_replica_waits_with_backoff_until_the_database_comes(tmp_path: Path) -> None:
-    server = PrivateServer(max_connections=20)
+    server = PostgresServer(max_connections=20, synchronous_commit="off")
     url = server.url()
     cluster = Cluster(url, tmp_path)
     web, wurl = cluster.web()
@@ -525,7 +529,7 @@ def test_replica_waits_with_backoff_until_the_database_comes(tmp_path: Path) -> 
         assert web.proc.poll() is None
     finally:
         cluster.close()
-        server.stop()
+        server.close()
 
 
 def test_backoff_delays_are_exponential_with_full_jitter() -> None:

@@ -14,9 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import Cluster, base_env, query, wait_for
 from tierline.recommend import Inputs, recommend
 from tierline.settings import Settings
+from tierline.testing.databases import query
+from tierline.testing.processes import Cluster, tierline_env
+from tierline.testing.waiting import wait_for
 
 
 def targets(**overrides: Any) -> Settings:
@@ -189,7 +191,7 @@ def test_recommendations_route_gauge_and_command(cluster: Cluster, db_url: str) 
     wait_for(lambda: gauge(url), 10, "the recommendation gauge of the web tier")
     wait_for(lambda: gauge(wurl), 10, "the recommendation gauge of the worker tier")
 
-    env = base_env(db_url, **ENV)
+    env = tierline_env(db_url, **ENV)
     out = subprocess.run(
         [sys.executable, "-m", "tierline", "recommend", "--json"],
         env=env,

@@ -23,7 +23,6 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from tests.conftest import make_settings
-from tests.helpers import ROLE_PASSWORD, Cluster, admin_connect, as_role, base_env, query
 from tests.jobs_app import app
 from tierline.jobs import JobRequest
 from tierline.maintenance import Maintenance
@@ -33,6 +32,9 @@ from tierline.replica import Replica
 from tierline.roles import create_roles
 from tierline.settings import Settings
 from tierline.stats import Stats
+from tierline.testing.databases import admin_connect, query
+from tierline.testing.processes import Cluster, tierline_env
+from tierline.testing.routing import ROLE_PASSWORD, as_role
 from tierline.worker import Worker
 
 Denied = psycopg.errors.InsufficientPrivilege
@@ -155,7 +157,7 @@ def privileges(db_url: str, roles: list[str]) -> list[Any]:
 
 # -- the command ---------------------------------------------------------------------------
 def test_migrate_create_roles_is_idempotent(db_url: str, role_names: dict[str, str]) -> None:
-    env = base_env(db_url)
+    env = tierline_env(db_url)
     cmd = [
         sys.executable,
         "-m",
@@ -231,7 +233,7 @@ def test_migrate_create_roles_is_idempotent(db_url: str, role_names: dict[str, s
 def test_check_and_create_roles_are_exclusive(db_url: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "tierline", "migrate", "--check", "--create-roles"],
-        env=base_env(db_url),
+        env=tierline_env(db_url),
         capture_output=True,
         text=True,
         timeout=60,

@@ -14,7 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Proc, base_env, free_port, query, wait_for
+from tierline.testing.databases import query
+from tierline.testing.ports import free_port
+from tierline.testing.processes import Proc, tierline_env
+from tierline.testing.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -103,7 +106,7 @@ def scale(env: dict[str, str], change: str) -> str:
 def test_scale_workers_while_up(db_url: str, tmp_path: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = base_env(
+    env = tierline_env(
         db_url,
         TIERLINE_WEB_PORT=port,
         TIERLINE_DATA_DIR=tmp_path / "data",
@@ -193,7 +196,7 @@ def test_scaling_the_web_tier_in_strands_no_connection(db_url: str, tmp_path: Pa
     kept-alive connection that the stopping replica closes is the client's to retry."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = base_env(db_url, TIERLINE_WEB_PORT=port, TIERLINE_DATA_DIR=tmp_path / "data")
+    env = tierline_env(db_url, TIERLINE_WEB_PORT=port, TIERLINE_DATA_DIR=tmp_path / "data")
     up = Proc(["up", "--web", "3", "--workers", "0"], env, tmp_path / "up.log")
     pollers = [Poller(base, keep_alive=False) for _ in range(8)]
     try:

@@ -17,8 +17,11 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from tests.faults.support import TEST_APP, OwnPostgres, migrate
-from tests.helpers import Cluster, Proc, base_env, query, wait_for
+from tests.jobs_app import RUNS_TABLE, TEST_APP
+from tierline.testing.databases import migrate, query
+from tierline.testing.postgres import PostgresServer
+from tierline.testing.processes import Cluster, Proc, tierline_env
+from tierline.testing.waiting import wait_for
 from tierline.web import auth
 from tierline.web.auth import KeyRing
 from tierline.web.errors import ApiError
@@ -308,7 +311,7 @@ def test_keys_are_never_logged(
     httpx.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {FULL}{WRONG}"})
     out = subprocess.run(
         [sys.executable, "-m", "tierline", "config"],
-        env=base_env("postgresql://x@127.0.0.1:1/x", TIERLINE_API_KEYS=KEYS),
+        env=tierline_env("postgresql://x@127.0.0.1:1/x", TIERLINE_API_KEYS=KEYS),
         capture_output=True,
         text=True,
         timeout=30,
@@ -327,17 +330,17 @@ WRONG_PASSWORD = "Wr0ng-pw-not-this-5c1e"
 
 
 @pytest.fixture(scope="module")
-def pw_server() -> Iterator[OwnPostgres]:
-    server = OwnPostgres(password=PASSWORD)
+def pw_server() -> Iterator[PostgresServer]:
+    server = PostgresServer(password=PASSWORD).start()
     try:
-        migrate(server.url)
+        migrate(server.url(), RUNS_TABLE)
         yield server
     finally:
         server.close()
 
 
-def test_database_passwords_are_redacted(pw_server: OwnPostgres, tmp_path: Path) -> None:
-    good = pw_server.url
+def test_database_passwords_are_redacted(pw_server: PostgresServer, tmp_path: Path) -> None:
+    good = pw_server.url()
     bad = good.replace(PASSWORD, WRONG_PASSWORD)
     assert PASSWORD in good and WRONG_PASSWORD in bad
     outputs: dict[str, str] = {}
@@ -345,7 +348,9 @@ def test_database_passwords_are_redacted(pw_server: OwnPostgres, tmp_path: Path)
     def cli(name: str, *args: str, url: str, code: int | None = None) -> None:
         out = subprocess.run(
             [sys.executable, "-m", "tierline", *args],
-            env=base_env(url, TIERLINE_DATABASE_DIRECT_URL=url, TIERLINE_DB_CONNECT_TIMEOUT_S=2),
+            env=tierline_env(
+                url, TIERLINE_DATABASE_DIRECT_URL=url, TIERLINE_DB_CONNECT_TIMEOUT_S=2
+            ),
             capture_output=True,
             text=True,
             timeout=120,

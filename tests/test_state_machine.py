@@ -30,7 +30,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from tests.faults.support import report
+from tests.helpers import report
 from tests.jobs_app import app
 from tierline.errors import InvalidTransition, JobNotFound
 from tierline.jobs import JobRequest

@@ -23,12 +23,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import ROOT, Cluster, Proc, base_env, free_port, query, wait_for
+from tests.helpers import ROOT
+from tests.jobs_app import TEST_APP
 from tierline.client import AsyncClient, Client, ClientError, SSEParser, StreamEvent
+from tierline.testing.databases import query
+from tierline.testing.http import enqueue
+from tierline.testing.ports import free_port
+from tierline.testing.processes import Cluster, Proc, tierline_env
+from tierline.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
-TEST_APP = "tests.jobs_app:app"
 # Small heartbeats make every read loop below wake up often enough to honour its deadline.
 FAST = {"TIERLINE_SSE_HEARTBEAT_S": "0.5"}
 
@@ -76,13 +81,6 @@ def assert_exactly_once(events: list[StreamEvent], final: str = "succeeded") -> 
     assert events[0].type == "enqueued"
     assert events[-1].type == final
     assert [e.type for e in events].count(final) == 1
-
-
-def enqueue(url: str, kind: str, args: dict[str, Any], **extra: Any) -> int:
-    r = httpx.post(f"{url}/v1/jobs", json={"kind": kind, "args": args, **extra}, timeout=10)
-    assert r.status_code == 202, r.text
-    job_id: int = r.json()["id"]
-    return job_id
 
 
 def job_state(url: str, job_id: int) -> str:
@@ -207,7 +205,7 @@ def test_tierline_watch_follows_through_a_replica_failure(cluster: Cluster, db_u
     (a, url_a), (_, url_b) = start_web(cluster, 2)
     start_worker(cluster)
     job = enqueue(url_a, "progress", {"steps": 40, "delay": 0.05})
-    env = base_env(db_url)
+    env = tierline_env(db_url)
     with subprocess.Popen(
         [
             sys.executable,

@@ -12,7 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import CHROMIUM, Cluster, Proc, base_env, free_port, wait_for
+from tests.helpers import CHROMIUM
+from tierline.testing.ports import free_port
+from tierline.testing.processes import Cluster, Proc, tierline_env
+from tierline.testing.waiting import wait_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -40,7 +43,7 @@ FOLLOW = """(path) => {
 
 def web_on(cluster: Cluster, port: int, **env: Any) -> Proc:
     """A web replica on a given port (a replacement takes over the same address)."""
-    e = base_env(cluster.db_url, TIERLINE_WEB_PORT=port, TIERLINE_SSE_HEARTBEAT_S="0.5", **env)
+    e = tierline_env(cluster.db_url, TIERLINE_WEB_PORT=port, TIERLINE_SSE_HEARTBEAT_S="0.5", **env)
     proc = Proc(["web"], e, cluster.tmp / f"web-{port}-{len(cluster.procs)}.log")
     cluster.procs.append(proc)
     cluster.wait_ready(f"http://127.0.0.1:{port}", proc)

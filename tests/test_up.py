@@ -10,7 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Proc, base_env, free_port, wait_for
+from tierline.testing.ports import free_port
+from tierline.testing.processes import Proc, tierline_env
+from tierline.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -22,7 +24,7 @@ def alive_workers(url: str) -> list[dict[str, Any]]:
 
 def test_crashed_worker_is_restarted(tmp_path: Path, db_url: str) -> None:
     port = free_port()
-    env = base_env(db_url, TIERLINE_WEB_PORT=port, TIERLINE_WORKER_METRICS_PORT=0)
+    env = tierline_env(db_url, TIERLINE_WEB_PORT=port, TIERLINE_WORKER_METRICS_PORT=0)
     up = Proc(["up", "--workers", "1"], env, tmp_path / "up.log", cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:

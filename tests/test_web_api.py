@@ -7,7 +7,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Cluster, wait_for
+from tierline.testing.processes import Cluster
+from tierline.testing.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -146,7 +147,7 @@ def test_openapi_lists_the_routes(api: httpx.Client) -> None:
 
 
 def test_readyz_503_until_schema_exists(cluster: Cluster, empty_db_url: str) -> None:
-    from tests.helpers import base_env
+    from tierline.testing.processes import tierline_env
 
     cluster.db_url = empty_db_url
     web, url = cluster.web()
@@ -161,10 +162,10 @@ def test_readyz_503_until_schema_exists(cluster: Cluster, empty_db_url: str) -> 
     import subprocess
     import sys
 
-    from tests.helpers import ROLES
+    from tierline.testing.routing import ROUTE
 
     # Roles mode (TIERLINE_TEST_ROLES=1): a schema made after start-up needs its grants.
-    roles = [f"--{tier}-role={role}" for tier, role in ROLES.items()]
+    roles = [f"--{tier}-role={role}" for tier, role in ROUTE.roles.items()]
     subprocess.run(
         [
             sys.executable,
@@ -173,7 +174,7 @@ def test_readyz_503_until_schema_exists(cluster: Cluster, empty_db_url: str) -> 
             "migrate",
             *(["--create-roles", *roles] if roles else []),
         ],
-        env=base_env(empty_db_url),
+        env=tierline_env(empty_db_url),
         check=True,
         capture_output=True,
         timeout=60,

@@ -1,170 +1,21 @@
-"""What the reliability and security tests share: databases that outlive one test, a
-PostgreSQL server the test owns (to stop and restart it), an HTTP load generator that
-counts every outcome, and a report of the figures each run measured.
-"""
+"""What the fault tests share: an HTTP load generator that counts every outcome (and
+keeps the idempotency keys it was answered for), and reading those jobs back."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
-import json
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 
-from tests.helpers import ARTIFACTS, admin_connect, free_port, with_dbname
-from tests.jobs_app import RUNS_TABLE
-from tierline import migrations
+from tierline.testing.databases import admin_connect
 
-TEST_APP = "tests.jobs_app:app"
-REPORT = ARTIFACTS / "reliability.jsonl"
-
-
-def report(test: str, **figures: Any) -> None:
-    """Append one test's figures to ``test-artifacts/reliability.jsonl`` (for the docs)."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    line = {"test": test, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **figures}
-    with REPORT.open("a") as f:
-        f.write(json.dumps(line, default=str) + "\n")
-
-
-@contextlib.contextmanager
-def scratch_database(server_url: str, template: str | None) -> Iterator[str]:
-    """A database for a whole module (copied from the migrated template when given)."""
-    name = f"tl_mod_{uuid.uuid4().hex[:10]}"
-    with admin_connect(server_url) as conn:
-        if template:
-            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-        else:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_dbname(server_url, name)
-    finally:
-        with admin_connect(server_url) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def migrate(url: str) -> None:
-    """Apply Tierline's schema and the tests' ``public.runs`` table."""
-
-    async def run() -> None:
-        conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
-        try:
-            await migrations.migrate(conn)  # type: ignore[arg-type]
-            await conn.execute(RUNS_TABLE)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
-# -- a PostgreSQL server owned by one test --------------------------------------------------
-def _pg_bin() -> Path | None:
-    """The newest Debian PostgreSQL's binaries, else the ones the pgserver wheel ships."""
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
-    if candidates:
-        return candidates[0].parent
-    try:
-        import pgserver  # type: ignore[import-untyped]
-
-        bundled = Path(pgserver.__file__).parent / "pginstall" / "bin"
-        return bundled if (bundled / "pg_ctl").exists() else None
-    except ImportError:
-        return None
-
-
-class OwnPostgres:
-    """A private PostgreSQL on a free port in a temporary folder: stop it, start it,
-    crash it, without touching anyone else's server.
-
-    As root the server runs as the ``postgres`` system user (PostgreSQL refuses root).
-    ``password``: host connections need it (scram-sha-256), to test wrong passwords.
-    """
-
-    def __init__(self, password: str | None = None) -> None:
-        bindir = _pg_bin()
-        if bindir is None:
-            raise RuntimeError("no PostgreSQL binaries (initdb, pg_ctl) found")
-        self.bin = bindir
-        self.user: str | None = None
-        if os.geteuid() == 0:
-            for name in ("postgres", "pgserver"):
-                with contextlib.suppress(KeyError):
-                    pwd.getpwnam(name)
-                    self.user = name
-                    break
-            if self.user is None:
-                raise RuntimeError("running as root and no postgres system user exists")
-        self.dir = Path(tempfile.mkdtemp(prefix="tierline-own-pg-"))
-        self.data = self.dir / "data"
-        self.port = free_port()
-        self.password = password
-        if self.user:
-            shutil.chown(self.dir, self.user)
-        args = ["-D", str(self.data), "-U", "postgres", "-N", "-A", "trust"]
-        if password:
-            pwfile = self.dir / "pw"
-            pwfile.write_text(password)
-            if self.user:
-                shutil.chown(pwfile, self.user)
-            args = [*args[:-2], "--auth-local=trust", "--auth-host=scram-sha-256"]
-            args += ["--pwfile", str(pwfile)]
-        self._run("initdb", *args)
-        self.start()
-
-    def _run(self, tool: str, *args: str, timeout: float = 60) -> None:
-        subprocess.run(
-            [str(self.bin / tool), *args],
-            check=True,
-            capture_output=True,
-            timeout=timeout,
-            user=self.user,
-        )
-
-    @property
-    def url(self) -> str:
-        auth = f"postgres:{self.password}@" if self.password else "postgres@"
-        return f"postgresql://{auth}127.0.0.1:{self.port}/postgres"
-
-    def start(self) -> None:
-        options = (
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-            "-c max_connections=100 -c fsync=off -c full_page_writes=off"
-        )
-        self._run(
-            "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w",
-            "start",
-        )  # fmt: skip
-
-    def stop(self, mode: str = "fast") -> None:
-        """``fast``: clean shutdown; ``immediate``: a crash (recovery at the next start)."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
-
-    def log(self) -> str:
-        path = self.dir / "log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stop("immediate")
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-# -- load ------------------------------------------------------------------------------------
 # What a load balancer retries: refused, reset, or closed before the response.
 RETRYABLE_EXC = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
 

@@ -20,8 +20,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.faults.support import TEST_APP, report
-from tests.helpers import ROOT, Cluster, query, wait_for
+from tests.helpers import ROOT, report
+from tests.jobs_app import TEST_APP
+from tierline.testing.databases import query
+from tierline.testing.processes import Cluster
+from tierline.testing.waiting import wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 

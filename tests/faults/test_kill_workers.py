@@ -11,11 +11,14 @@ import random
 import time
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.faults.support import TEST_APP, report, states
-from tests.helpers import Cluster, Proc, query
+from tests.faults.support import states
+from tests.helpers import report
+from tests.jobs_app import TEST_APP
+from tierline.testing.databases import query
+from tierline.testing.http import enqueue_batch, tokens
+from tierline.testing.processes import Cluster, Proc
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.slow]
 
@@ -32,25 +35,11 @@ ENV: dict[str, Any] = {
 }
 
 
-def enqueue(url: str, n: int) -> list[int]:
-    ids: list[int] = []
-    with httpx.Client(timeout=60) as client:
-        for start in range(0, n, 1000):
-            batch = [
-                {"kind": "record", "args": {"token": f"t{i}"}}
-                for i in range(start, min(n, start + 1000))
-            ]
-            r = client.post(f"{url}/v1/jobs/batch", json={"jobs": batch})
-            assert r.status_code == 202, r.text
-            ids += [j["id"] for j in r.json()["jobs"]]
-    return ids
-
-
 @pytest.mark.timeout(400)
 def test_kill_9_random_workers_while_10000_jobs_run(cluster: Cluster, db_url: str) -> None:
     web, url = cluster.web(**ENV)
     cluster.wait_ready(url, web)
-    ids = enqueue(url, JOBS)
+    ids = enqueue_batch(url, tokens("record", JOBS), timeout=60)
     assert len(set(ids)) == JOBS
 
     live: list[Proc] = [cluster.worker(**ENV)[0] for _ in range(WORKERS)]

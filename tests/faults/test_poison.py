@@ -16,8 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.support import TEST_APP, report, states
-from tests.helpers import Proc, base_env, free_port, query, wait_for
+from tests.faults.support import states
+from tests.helpers import report
+from tests.jobs_app import TEST_APP
+from tierline.testing.databases import query
+from tierline.testing.ports import free_port
+from tierline.testing.processes import Proc, tierline_env
+from tierline.testing.waiting import wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -46,7 +51,7 @@ def test_poison_job_fails_after_its_attempts_and_the_queue_moves_on(
     db_url: str, tmp_path: Path
 ) -> None:
     port = free_port()
-    env = base_env(
+    env = tierline_env(
         db_url,
         TIERLINE_APP=TEST_APP,
         TIERLINE_WEB_PORT=port,

@@ -15,8 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.support import TEST_APP, Load, OwnPostgres, keys_in_db, migrate, report
-from tests.helpers import Cluster, wait_for
+from tests.faults.support import Load, keys_in_db
+from tests.helpers import report
+from tests.jobs_app import RUNS_TABLE, TEST_APP
+from tierline.testing.databases import migrate
+from tierline.testing.postgres import PostgresServer
+from tierline.testing.processes import Cluster
+from tierline.testing.waiting import wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -27,10 +32,10 @@ MAX_REQUEST_S = 8.0
 
 
 @pytest.fixture
-def own_pg() -> Iterator[OwnPostgres]:
-    server = OwnPostgres()
+def own_pg() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
     try:
-        migrate(server.url)
+        migrate(server.url(), RUNS_TABLE)
         yield server
     finally:
         server.close()
@@ -44,8 +49,8 @@ def ready(url: str) -> bool:
 
 
 @pytest.mark.timeout(240)
-def test_postgres_restart_under_load(own_pg: OwnPostgres, tmp_path: Path) -> None:
-    cluster = Cluster(own_pg.url, tmp_path, TIERLINE_APP=TEST_APP)
+def test_postgres_restart_under_load(own_pg: PostgresServer, tmp_path: Path) -> None:
+    cluster = Cluster(own_pg.url(), tmp_path, TIERLINE_APP=TEST_APP)
     try:
         web, url = cluster.web()
         worker, wurl = cluster.worker(TIERLINE_WORKER_CONCURRENCY=4)
@@ -81,12 +86,12 @@ def test_postgres_restart_under_load(own_pg: OwnPostgres, tmp_path: Path) -> Non
         accepted = dict(load.tally.accepted)
         wait_for(
             lambda: all(
-                j["state"] == "succeeded" for j in keys_in_db(own_pg.url, set(accepted)).values()
+                j["state"] == "succeeded" for j in keys_in_db(own_pg.url(), set(accepted)).values()
             ),
             90,
             "every accepted job to succeed",
         )
-        found = keys_in_db(own_pg.url, set(accepted))
+        found = keys_in_db(own_pg.url(), set(accepted))
         lost = set(accepted) - set(found)
         assert not lost, f"{len(lost)} accepted jobs are gone"
         assert {found[k]["id"] for k in accepted} == set(accepted.values())

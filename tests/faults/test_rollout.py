@@ -14,8 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.support import RETRYABLE_EXC, TEST_APP, Load, keys_in_db, report
-from tests.helpers import Cluster, Proc, base_env, free_port, query, wait_for
+from tests.faults.support import RETRYABLE_EXC, Load, keys_in_db
+from tests.helpers import report
+from tests.jobs_app import TEST_APP
+from tierline.testing.databases import query
+from tierline.testing.ports import free_port
+from tierline.testing.processes import Cluster, Proc, tierline_env
+from tierline.testing.waiting import wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -27,7 +32,7 @@ ENV = {
 
 
 def start_web(cluster: Cluster, db_url: str, port: int, tmp: Path, n: int) -> Proc:
-    env = base_env(db_url, TIERLINE_WEB_PORT=port, **ENV)
+    env = tierline_env(db_url, TIERLINE_WEB_PORT=port, **ENV)
     proc = Proc(["web", "--reuse-port"], env, tmp / f"web-{n}.log")
     cluster.procs.append(proc)
     return proc

@@ -15,8 +15,12 @@ from collections import Counter
 import httpx
 import pytest
 
-from tests.faults.support import TEST_APP, Load, keys_in_db, report, states
-from tests.helpers import Cluster, query, wait_for
+from tests.faults.support import Load, keys_in_db, states
+from tests.helpers import report
+from tests.jobs_app import TEST_APP
+from tierline.testing.databases import query
+from tierline.testing.processes import Cluster
+from tierline.testing.waiting import wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 

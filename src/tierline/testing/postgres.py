@@ -1,0 +1,166 @@
+"""A private PostgreSQL server a test owns: its own settings (``max_connections=40``), a
+password to get wrong, and stops, restarts and crashes that touch nobody else's server.
+
+It runs as a real process on a free port in a temporary folder. PostgreSQL refuses to
+run as root, so as root it runs as an unprivileged user (``postgres``, ``pgserver`` or
+``nobody``, whichever exists); PgBouncer (``pgbouncer``) does the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from tierline.testing.ports import free_port
+
+
+def postgres_bindir() -> Path:
+    """The binaries bundled with pgserver (a dependency: the same version everywhere),
+    else the newest of the system's."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is not None and spec.submodule_search_locations:
+        found = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+        if (found / "postgres").exists():
+            return found
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "postgres").exists():
+            return candidate
+    raise RuntimeError("no PostgreSQL binaries: install pgserver or postgresql")
+
+
+def run_as() -> dict[str, Any]:
+    """Popen arguments that drop root to an unprivileged user (nothing when not root)."""
+    if os.geteuid() != 0:
+        return {}
+    for name in ("postgres", "pgserver", "nobody"):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    raise RuntimeError("running as root without an unprivileged user for PostgreSQL")
+
+
+def owned_dir(prefix: str) -> Path:
+    """A folder the server's user owns (pytest's tmp_path is root-only when run as root)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    give_away(folder)
+    return folder
+
+
+def give_away(path: Path) -> None:
+    """Make ``path`` the server user's (when running as root)."""
+    who = run_as()
+    if who:
+        os.chown(path, who["user"], who["group"])
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT) -> None:
+    """Send ``sig``; SIGKILL when it has not exited within 30 seconds."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+class PostgresServer:
+    """A PostgreSQL started by one test, with settings of its own (``-c name=value``).
+
+    ``start()`` creates the cluster the first time; ``stop("fast")`` shuts it down
+    cleanly, ``stop("immediate")`` crashes it (recovery at the next ``start()``);
+    ``close()`` removes everything. As a context manager: started, then closed.
+    ``password``: host connections need it (scram-sha-256), to test wrong passwords.
+    """
+
+    def __init__(self, *, password: str | None = None, **settings: Any) -> None:
+        self.port = free_port()
+        self.password = password
+        self.settings = {"max_connections": 100, **settings}
+        self.bin = postgres_bindir()
+        self.dir = owned_dir("tierline-pg-")
+        self.data = self.dir / "data"
+        self.log_path = self.dir / "server.log"
+
+    def url(self, dbname: str = "postgres", user: str = "postgres") -> str:
+        auth = f"{user}:{self.password}@" if self.password else f"{user}@"
+        return f"postgresql://{auth}127.0.0.1:{self.port}/{dbname}"
+
+    def _run(self, tool: str, *args: str, timeout: float = 120) -> None:
+        subprocess.run(
+            [str(self.bin / tool), *args],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+            **run_as(),
+        )
+
+    def _initdb(self) -> None:
+        args = ["-D", str(self.data), "-U", "postgres", "-E", "UTF8", "--no-sync"]
+        args.append("--no-instructions")
+        if self.password:
+            pwfile = self.dir / "pw"
+            pwfile.write_text(self.password)
+            give_away(pwfile)
+            args += ["--auth-local=trust", "--auth-host=scram-sha-256", "--pwfile", str(pwfile)]
+        else:
+            args += ["-A", "trust"]
+        self._run("initdb", *args)
+
+    def start(self) -> PostgresServer:
+        """Start it (creating the cluster the first time); returns once it accepts."""
+        if not self.data.exists():
+            self._initdb()
+        options = {
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(self.dir),
+            "fsync": "off",
+            "full_page_writes": "off",
+            "shared_buffers": "32MB",
+            **self.settings,
+        }
+        flags = " ".join(f"-c {name}={value}" for name, value in options.items())
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-o", f"-p {self.port} {flags}",
+            "-l", str(self.log_path), "-w", "-t", "60", "start",
+        )  # fmt: skip
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: clean shutdown, clients disconnected; ``immediate``: a crash."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", timeout=60)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def execute(self, sql: str, dbname: str = "postgres") -> list[tuple[Any, ...]]:
+        """Run one statement as the superuser (over the socket: no password)."""
+        conninfo = f"host={self.dir} port={self.port} user=postgres dbname={dbname}"
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            cur = conn.execute(sql.encode())
+            return cur.fetchall() if cur.description else []
+
+    def close(self) -> None:
+        """Stop it if running (immediately: its data is thrown away), remove its folder."""
+        if (self.data / "postmaster.pid").exists():
+            with contextlib.suppress(Exception):
+                self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> PostgresServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
