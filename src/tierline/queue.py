@@ -6,12 +6,11 @@ from collections.abc import Sequence
 from typing import Any, LiteralString, Protocol
 
 import psycopg
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from tierline import metrics
-from tierline.database import Conn
+from tierline.database import Conn, standalone_pool
 from tierline.errors import InvalidTransition, JobNotFound
 from tierline.jobs import Job, JobRequest, State
 from tierline.queries import QUERIES
@@ -47,15 +46,7 @@ class Queue:
         cls, app: Registry, dsn: str, *, max_args_bytes: int = MAX_ARGS_BYTES
     ) -> Queue:
         """A small private pool, for processes that only enqueue."""
-        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
-            dsn,
-            min_size=1,
-            max_size=2,
-            open=False,
-            name="enqueue",
-            connection_class=psycopg.AsyncConnection[Any],
-            kwargs={"autocommit": True, "row_factory": dict_row},
-        )
+        pool = standalone_pool(dsn)
         await pool.open(wait=True, timeout=10)
         return cls(app, pool, max_args_bytes=max_args_bytes)
 

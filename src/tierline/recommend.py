@@ -18,12 +18,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tierline.settings import Settings, Tier
-
-if TYPE_CHECKING:
-    from tierline.recommender import Recommender as Recommender
 
 SERVICE_WINDOW_S = 900.0  # run times of jobs finished over the last 15 minutes
 
@@ -194,14 +191,3 @@ def recommend(inputs: Inputs, settings: Settings) -> Recommendations:
             wk_cap,
         ),
     )
-
-
-def __getattr__(name: str) -> type[Recommender]:
-    # Transitional: ``Recommender`` moved to ``tierline.recommender``; modules still
-    # importing it from here keep working until they switch. Imported lazily, so this
-    # module stays free of the database.
-    if name == "Recommender":
-        from tierline.recommender import Recommender
-
-        return Recommender
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

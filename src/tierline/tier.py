@@ -21,7 +21,7 @@ from tierline.database import Conn
 from tierline.lifecycle import Shutdown, SideTasks
 from tierline.notifications import Handler, Listener
 from tierline.queue import Queue
-from tierline.recommend import Recommender
+from tierline.recommender import Recommender
 from tierline.replica import Replica
 from tierline.settings import Settings
 from tierline.stats import Stats

@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 
 from tierline.app import App
 from tierline.queue import Queue
-from tierline.recommend import Recommender
+from tierline.recommender import Recommender
 from tierline.replica import Replica
 from tierline.settings import Settings
 from tierline.stats import Stats
