@@ -171,32 +171,17 @@ def _app_or_fail(settings: Settings) -> Any:
 
 
 @main.command()
-@click.option(
-    "--web",
-    "web_n",
-    default=1,
-    show_default=True,
-    type=click.IntRange(0, 64),
-    envvar="TIERLINE_UP_WEB",
-    show_envvar=True,
-    help="Web replicas.",
-)
-@click.option(
-    "--workers",
-    "workers_n",
-    default=2,
-    show_default=True,
-    type=click.IntRange(0, 64),
-    envvar="TIERLINE_UP_WORKERS",
-    show_envvar=True,
-    help="Worker replicas.",
-)
+@env_option("--web", field="up_web", help="Web replicas (default 1).")
+@env_option("--workers", field="up_workers", help="Worker replicas (default 2).")
 @env_option("--app", field="app", help="Application as module:attribute.")
 @env_option("--port", field="web_port", help="Port of the web tier.")
-def up(web_n: int, workers_n: int, app: str | None, web_port: str | None) -> None:
+def up(up_web: str | None, up_workers: str | None, app: str | None, web_port: str | None) -> None:
     """Run the whole system: database (embedded unless TIERLINE_DATABASE_URL is set),
     migrations, web and worker replicas as separate processes."""
-    settings = with_database(load_settings(app=app, web_port=web_port))
+    settings = with_database(
+        load_settings(app=app, web_port=web_port, up_web=up_web, up_workers=up_workers)
+    )
+    web_n, workers_n = settings.up_web, settings.up_workers
     setup_logging(settings, tier="supervisor", pid=os.getpid())
     _app_or_fail(settings)
     from tierline.supervisor import Supervisor
@@ -260,8 +245,10 @@ def scale(changes: tuple[str, ...], data_dir: str | None) -> None:
 )
 @click.option(
     "--create-roles",
+    "create_roles",
     is_flag=True,
-    envvar="TIERLINE_CREATE_ROLES",
+    default=None,
+    envvar=env_name("create_roles"),
     show_envvar=True,
     help="Then create (if missing) and grant the least-privilege web and worker roles; "
     "passwords from TIERLINE_WEB_ROLE_PASSWORD / TIERLINE_WORKER_ROLE_PASSWORD, else "
@@ -269,13 +256,16 @@ def scale(changes: tuple[str, ...], data_dir: str | None) -> None:
 )
 @env_option("--web-role", field="web_role", help="Role of the web tier.")
 @env_option("--worker-role", field="worker_role", help="Role of the worker tier.")
-def migrate(check: bool, create_roles: bool, web_role: str | None, worker_role: str | None) -> None:
+def migrate(
+    check: bool, create_roles: bool | None, web_role: str | None, worker_role: str | None
+) -> None:
     """Apply the schema migrations (safe to run from many replicas at once)."""
-    if check and create_roles:
+    settings = load_settings(web_role=web_role, worker_role=worker_role, create_roles=create_roles)
+    if check and settings.create_roles:
         fail("--check and --create-roles do not go together")
-    settings = with_database(load_settings(web_role=web_role, worker_role=worker_role))
+    settings = with_database(settings)
     setup_logging(settings, tier="migrate")
-    sys.exit(run_async(lambda: _migrate(settings, check=check, create_roles=create_roles)))
+    sys.exit(run_async(lambda: _migrate(settings, check=check, create_roles=settings.create_roles)))
 
 
 async def _migrate(
@@ -434,18 +424,17 @@ def docs_configuration() -> None:
 @click.argument("kind")
 @click.option("--args", "args_json", default="{}", help="Arguments as a JSON object.")
 @click.option("--queue", default=None)
-@click.option(
-    "--url",
-    default=None,
-    envvar="TIERLINE_URL",
-    show_envvar=True,
-    help="Web tier URL (default: http://TIERLINE_WEB_HOST:TIERLINE_WEB_PORT).",
+@env_option(
+    "--url", field="url", help="Web tier URL (default: http://TIERLINE_WEB_HOST:TIERLINE_WEB_PORT)."
 )
-@click.option("--key", default=None, envvar="TIERLINE_API_KEY", show_envvar=True, help="API key.")
-def enqueue(kind: str, args_json: str, queue: str | None, url: str | None, key: str | None) -> None:
+@env_option("--key", field="api_key", help="API key.")
+def enqueue(
+    kind: str, args_json: str, queue: str | None, url: str | None, api_key: str | None
+) -> None:
     """Enqueue a job through the web tier and print it."""
     from tierline.client import Client, ClientError
 
+    settings = load_settings(url=url, api_key=api_key)
     try:
         args = json.loads(args_json)
     except ValueError as exc:
@@ -454,7 +443,7 @@ def enqueue(kind: str, args_json: str, queue: str | None, url: str | None, key: 
     if queue:
         body["queue"] = queue
     try:
-        with Client(_url(url), api_key=key) as client:
+        with Client(_url(settings), api_key=_key(settings)) as client:
             click.echo(json.dumps(client.enqueue(body), indent=2))
     except ClientError as exc:
         fail(str(exc), 1)
@@ -462,24 +451,23 @@ def enqueue(kind: str, args_json: str, queue: str | None, url: str | None, key: 
 
 @main.command()
 @click.argument("job_id", type=click.IntRange(1))
-@click.option(
+@env_option(
     "--url",
-    default=None,
-    envvar="TIERLINE_URL",
-    show_envvar=True,
+    field="url",
     help="Web tier URL, or several comma-separated to fail over between "
     "(default: http://TIERLINE_WEB_HOST:TIERLINE_WEB_PORT).",
 )
-@click.option("--key", default=None, envvar="TIERLINE_API_KEY", show_envvar=True, help="API key.")
+@env_option("--key", field="api_key", help="API key.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
-def watch(job_id: int, url: str | None, key: str | None, as_json: bool) -> None:
+def watch(job_id: int, url: str | None, api_key: str | None, as_json: bool) -> None:
     """Follow a job's events until it finishes (resumes after disconnects)."""
     from tierline.client import Client, ClientError
 
+    settings = load_settings(url=url, api_key=api_key)
     last = None
     try:
-        urls = [u.strip().rstrip("/") for u in _url(url).split(",") if u.strip()]
-        with Client(urls, api_key=key) as client:
+        urls = [u.strip().rstrip("/") for u in _url(settings).split(",") if u.strip()]
+        with Client(urls, api_key=_key(settings)) as client:
             for ev in client.follow(job_id):
                 last = ev
                 if as_json:
@@ -504,12 +492,15 @@ def _describe(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))[:200]
 
 
-def _url(url: str | None) -> str:
-    if url:
-        return url
-    settings = load_settings()
+def _url(settings: Settings) -> str:
+    if settings.url:
+        return settings.url
     host = "127.0.0.1" if settings.web_host in ("0.0.0.0", "::") else settings.web_host
     return f"http://{host}:{settings.web_port}"
+
+
+def _key(settings: Settings) -> str | None:
+    return settings.api_key.get_secret_value() if settings.api_key else None
 
 
 if __name__ == "__main__":  # pragma: no cover

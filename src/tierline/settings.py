@@ -220,7 +220,25 @@ class Settings(BaseSettings):
     worker_replicas_min: int = Field(1, ge=0, description="Fewest worker replicas recommended.")
     worker_replicas_max: int = Field(50, ge=1, description="Most worker replicas recommended.")
 
+    # -- the commands (`tierline up`, `enqueue`, `watch`) -------------------------------------
+    up_web: int = Field(1, ge=0, le=64, description="Web replicas `tierline up` starts.")
+    up_workers: int = Field(2, ge=0, le=64, description="Worker replicas `tierline up` starts.")
+    url: str | None = Field(
+        None,
+        description="Web tier URL of `tierline enqueue` and `tierline watch` (several "
+        "comma-separated: `watch` fails over between them). Default: "
+        "http://`TIERLINE_WEB_HOST`:`TIERLINE_WEB_PORT`.",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="API key that `tierline enqueue` and `tierline watch` send."
+    )
+
     # -- least-privilege roles (`tierline migrate --create-roles`) --------------------------
+    create_roles: bool = Field(
+        False,
+        description="`tierline migrate` also creates (if missing) and grants the "
+        "least-privilege roles, as `--create-roles` does.",
+    )
     web_role: str = Field(
         "tierline_web",
         pattern=r"^[a-z_][a-z0-9_]{0,39}$",

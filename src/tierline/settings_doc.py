@@ -37,12 +37,14 @@ RECOMMEND = (
 )
 
 
-ROLES = ("web_role", "worker_role")
+ROLES = ("web_role", "worker_role", "create_roles")
 
 
 def tier_of(name: str) -> str:
     if name.startswith(ROLES):
         return "roles"
+    if name in ("url", "api_key") or name.startswith("up_"):
+        return "commands"
     if name.startswith(RECOMMEND):
         return "recommendations"
     if name.startswith(WEB_ONLY):
@@ -133,13 +135,14 @@ def markdown() -> str:
         "`tierline config --tier web|worker` prints the effective values and their source.",
         "",
     ]
-    for section in ("both", "web", "worker", "recommendations", "roles"):
+    for section in ("both", "web", "worker", "recommendations", "roles", "commands"):
         title = {
             "both": "Both tiers",
             "web": "Web tier",
             "worker": "Worker tier",
             "recommendations": "Replica recommendations",
             "roles": "Database roles (`tierline migrate --create-roles`)",
+            "commands": "Commands (`tierline up`, `tierline enqueue`, `tierline watch`)",
         }[section]
         lines += [f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]
         for name, field in Settings.model_fields.items():
