@@ -1,5 +1,10 @@
 """The ``tierline`` command. Thin: it reads the environment into ``Settings``, resolves the
-database, and hands over to the tiers. Every flag has an environment variable."""
+database, and hands over to the tiers. Every flag has an environment variable.
+
+Why this module is long: it is the list of commands, one short function each (flags,
+then a call into the module that does the work), in the order ``tierline --help`` shows
+them; split up, the command list would have no single place to read.
+"""
 
 from __future__ import annotations
 
