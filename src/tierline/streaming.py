@@ -1,6 +1,9 @@
 """Job event streams: each client's buffer (``Subscription``) and the per-replica
 ``EventHub`` that fills them, fed by one LISTEN connection per web replica.
 
+Why this module is long: the subscriber and the hub call into each other, and the
+argument below for why no event is lost or repeated is about both at once.
+
 A subscriber registers with the ``EventHub`` first, then replays what the database holds
 after its position (a page at a time, holding a pooled connection only for each query),
 then follows live events, dropping any it has already seen. The hub reads new events once
@@ -39,7 +42,7 @@ from psycopg_pool import AsyncConnectionPool
 from tierline import metrics
 from tierline.coalesce import Coalescer
 from tierline.database import Conn, describe_error
-from tierline.errors import TierlineError
+from tierline.errors import DatabaseUnavailable, TierlineError
 from tierline.jobs import FINAL_STATES
 from tierline.logs import get_logger
 from tierline.notifications import EVENTS_CHANNEL, event_job_ids
@@ -403,7 +406,7 @@ class EventHub:
     def _connection(self) -> Any:
         pool = self._pool()
         if pool is None:
-            raise RuntimeError("the replica has no database pool yet")
+            raise DatabaseUnavailable("the replica has no database pool yet")
         return pool.connection()
 
     def close(self) -> None:
