@@ -13,20 +13,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import command, jobs, launch, output, percentiles, sampling
+from tierline.testing.databases import dbname, query
+from tierline.testing.ports import free_port
 
 NAME = "drain"
 
 
 def run_once(args: Any, concurrency: int | None, label: str) -> dict[str, Any]:
-    with common.fresh_database(args.server_url) as url, common.log_folder(NAME) as logs:
-        asyncio.run(common.seed(url, "noop", {}, args.jobs, held=True))
+    with jobs.fresh_database(args.server_url) as url, launch.log_folder(NAME) as logs:
+        asyncio.run(jobs.seed(url, "noop", {}, args.jobs, held=True))
         env: dict[str, Any] = {}
         if concurrency is not None:
             env["TIERLINE_WORKER_CONCURRENCY"] = concurrency
-        port = common.free_port()
-        with common.processes() as procs:
-            worker = common.tierline(
+        port = free_port()
+        with launch.processes() as procs:
+            worker = launch.tierline(
                 "worker",
                 url,
                 logs,
@@ -36,19 +38,19 @@ def run_once(args: Any, concurrency: int | None, label: str) -> dict[str, Any]:
                 **env,
             )
             procs.append(worker)
-            common.wait_ready(f"http://127.0.0.1:{port}", worker)
-            sampler = common.DbSampler(args.server_url, common.dbname(url))
+            launch.wait_ready(f"http://127.0.0.1:{port}", worker)
+            sampler = sampling.DbSampler(args.server_url, dbname(url))
             sampler.start()
-            cpu0 = worker.cpu_seconds()
+            cpu0 = sampling.cpu_seconds(worker.pid)
             t0 = time.monotonic()
-            common.release(url)
+            jobs.release(url)
             deadline = t0 + args.timeout
-            while common.unfinished(url) and time.monotonic() < deadline:
+            while jobs.unfinished(url) and time.monotonic() < deadline:
                 time.sleep(0.02)
             wall = time.monotonic() - t0
-            worker_cpu = worker.cpu_seconds() - cpu0
+            worker_cpu = sampling.cpu_seconds(worker.pid) - cpu0
             sampler.sample()
-        row = common.query(
+        row = query(
             url,
             "SELECT count(*) FILTER (WHERE state = 'succeeded') AS succeeded, "
             "count(*) AS total, "
@@ -71,7 +73,7 @@ def run_once(args: Any, concurrency: int | None, label: str) -> dict[str, Any]:
         "db_cpu_s": _round(sampler.cpu_seconds()),
         "db_connections_max": sampler.max_connections(),
     }
-    common.say(
+    command.say(
         f"{label}: {succeeded}/{args.jobs} jobs, {result['rate_db_per_s']} jobs/s (db), "
         f"{result['rate_wall_per_s']} jobs/s (wall)"
     )
@@ -83,7 +85,7 @@ def _round(v: float | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    p = command.parser(__doc__.splitlines()[0] if __doc__ else NAME)
     p.add_argument("--jobs", type=int, default=20_000, help="Backlog size (jobs).")
     p.add_argument(
         "--concurrency", type=int, default=1000, help="TIERLINE_WORKER_CONCURRENCY of the run."
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.jobs, args.repeat, args.concurrency = 200, 1, 50
-    machine = common.machine()
+    machine = output.machine()
     configs: list[tuple[str, int | None, int]] = [
         (f"concurrency {args.concurrency}", args.concurrency, args.repeat)
     ]
@@ -116,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "label": label,
                 "concurrency": concurrency if concurrency is not None else 10,
-                "median_rate_db_per_s": common.median([r["rate_db_per_s"] or 0 for r in mine]),
-                "median_rate_wall_per_s": common.median([r["rate_wall_per_s"] or 0 for r in mine]),
+                "median_rate_db_per_s": percentiles.median([r["rate_db_per_s"] or 0 for r in mine]),
+                "median_rate_wall_per_s": percentiles.median(
+                    [r["rate_wall_per_s"] or 0 for r in mine]
+                ),
                 "best_rate_db_per_s": max(r["rate_db_per_s"] or 0 for r in mine),
                 "all_complete": all(r["complete"] for r in mine),
             }
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     target = {"min_jobs_per_s": 10_000, "aim_jobs_per_s": 15_000}
     data = {
         "machine": machine,
-        "server": common.server_info(args.server_url),
+        "server": output.server_info(args.server_url),
         "log_level": args.log_level,
         "target": target,
         "summary": summary,
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.reference_repeat} at the default concurrency). "
         f"Target >= {target['min_jobs_per_s']:,} jobs/s (aim {target['aim_jobs_per_s']:,}).",
         "",
-        common.table(
+        output.table(
             ["configuration", "jobs/s (db clock)", "jobs/s (wall clock)", "best jobs/s"],
             [
                 (
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
         ),
         "",
-        common.table(
+        output.table(
             [
                 "configuration",
                 "run",
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     def chart(path: Path) -> None:
-        plt = common.pyplot()
+        plt = output.pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.2))
         labels = [s["label"] for s in summary]
         ax.bar(labels, [s["median_rate_db_per_s"] for s in summary], color="#4c72b0")
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
-    common.write_results(NAME, args, data, "\n".join(md), chart)
+    output.write_results(NAME, args, data, "\n".join(md), chart)
     return 0 if all(s["all_complete"] for s in summary) else 1
 
 

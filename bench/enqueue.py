@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 
-from bench import common
+from bench import command, jobs, launch, output, percentiles
+from tierline.testing.databases import query
+from tierline.testing.ports import free_port
 
 NAME = "enqueue"
 JOB = {"kind": "noop", "args": {}}
@@ -25,7 +27,7 @@ JOB = {"kind": "noop", "args": {}}
 async def api_batched(url: str, n: int, batch: int) -> float:
     from tierline.jobs import JobRequest
 
-    async with common.producer(url) as app:
+    async with jobs.producer(url) as app:
         await app.enqueue("noop")
         requests = [JobRequest(kind="noop", args={}) for _ in range(batch)]
         t0 = time.perf_counter()
@@ -35,7 +37,7 @@ async def api_batched(url: str, n: int, batch: int) -> float:
 
 
 async def api_single(url: str, n: int) -> float:
-    async with common.producer(url) as app:
+    async with jobs.producer(url) as app:
         await app.enqueue("noop")
         t0 = time.perf_counter()
         for _ in range(n):
@@ -44,14 +46,14 @@ async def api_single(url: str, n: int) -> float:
 
 
 def http_mode(args: Any, url: str, logs: Path, mode: str, n: int) -> float:
-    port = common.free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    with common.processes() as procs:
-        web = common.tierline(
+    with launch.processes() as procs:
+        web = launch.tierline(
             "web", url, logs, f"web-{mode}", log_level=args.log_level, TIERLINE_WEB_PORT=port
         )
         procs.append(web)
-        common.wait_ready(base, web)
+        launch.wait_ready(base, web)
         headers = {"content-type": "application/json"}
         with httpx.Client(base_url=base, timeout=60, headers=headers) as client:
             client.post("/v1/jobs", content=json.dumps(JOB)).raise_for_status()
@@ -73,7 +75,7 @@ def http_mode(args: Any, url: str, logs: Path, mode: str, n: int) -> float:
 
 
 def count_jobs(url: str) -> int:
-    return int(common.query(url, "SELECT count(*) AS n FROM tierline.jobs")[0]["n"])
+    return int(query(url, "SELECT count(*) AS n FROM tierline.jobs")[0]["n"])
 
 
 MODES = {
@@ -89,7 +91,7 @@ def run_mode(args: Any, mode: str) -> dict[str, Any]:
     n = {"api_batched": args.jobs, "http_batch": args.jobs, "api_single": args.single_jobs}.get(
         mode, args.http_single_jobs
     )
-    with common.fresh_database(args.server_url) as url, common.log_folder(NAME) as logs:
+    with jobs.fresh_database(args.server_url) as url, launch.log_folder(NAME) as logs:
         if mode == "api_batched":
             elapsed = asyncio.run(api_batched(url, n, args.batch))
         elif mode == "api_single":
@@ -98,7 +100,7 @@ def run_mode(args: Any, mode: str) -> dict[str, Any]:
             elapsed = http_mode(args, url, logs, mode, n)
         stored = count_jobs(url) - 1  # minus the warm-up job
     rate = n / elapsed if elapsed > 0 else 0.0
-    common.say(f"{mode}: {n} jobs in {elapsed:.3f} s = {rate:,.0f} jobs/s")
+    command.say(f"{mode}: {n} jobs in {elapsed:.3f} s = {rate:,.0f} jobs/s")
     return {
         "mode": mode,
         "jobs": n,
@@ -109,7 +111,7 @@ def run_mode(args: Any, mode: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    p = command.parser(__doc__.splitlines()[0] if __doc__ else NAME)
     p.add_argument("--jobs", type=int, default=20_000, help="Jobs per batched run.")
     p.add_argument(
         "--single-jobs", type=int, default=5_000, help="Jobs per one-at-a-time run (fewer)."
@@ -130,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(modes) - set(MODES)
     if unknown:
         p.error(f"unknown modes: {sorted(unknown)}")
-    machine = common.machine()
+    machine = output.machine()
     runs = [{**run_mode(args, mode), "run": i + 1} for mode in modes for i in range(args.repeat)]
     summary = []
     for mode in modes:
         mine = [r for r in runs if r["mode"] == mode]
-        rate = common.median([r["rate_per_s"] for r in mine])
+        rate = percentiles.median([r["rate_per_s"] for r in mine])
         target = TARGETS.get(mode)
         summary.append(
             {
@@ -151,14 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     data = {
         "machine": machine,
-        "server": common.server_info(args.server_url),
+        "server": output.server_info(args.server_url),
         "summary": summary,
         "runs": runs,
     }
     md = [
         f"Enqueue rate from one process (median of {args.repeat} runs, fresh database each).",
         "",
-        common.table(
+        output.table(
             ["mode", "jobs per run", "jobs/s (median)", "best", "target", "meets"],
             [
                 (
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     def chart(path: Path) -> None:
-        plt = common.pyplot()
+        plt = output.pyplot()
         fig, ax = plt.subplots(figsize=(7, 3.2))
         labels = [s["mode"] for s in summary]
         ax.barh(labels, [s["median_rate_per_s"] for s in summary], color="#4c72b0")
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
-    common.write_results(NAME, args, data, "\n".join(md), chart)
+    output.write_results(NAME, args, data, "\n".join(md), chart)
     return 0 if all(s["all_stored"] for s in summary) else 1
 
 

@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common, webload
+from bench import command, cpuquota, jobs, launch, output, webload
+from tierline.testing.ports import free_port
 
 NAME = "isolation"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    p = command.parser(__doc__.splitlines()[0] if __doc__ else NAME)
     p.add_argument("--rate", type=float, default=None, help="R in requests/s (default C/2).")
     p.add_argument("--duration", type=float, default=10.0, help="Measured seconds per phase.")
     p.add_argument("--capacity-duration", type=float, default=5.0, help="Seconds (closed loop).")
@@ -36,17 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.duration, args.capacity_duration, args.backlog = 1.0, 1.0, 2000
         args.reads, args.connections, args.concurrency = 50, 8, 50
-    machine = common.machine()
-    quota = common.CpuQuota(NAME)
+    machine = output.machine()
+    quota = cpuquota.CpuQuota(NAME)
     phases: list[dict[str, Any]] = []
     capacity: dict[str, Any] | None = None
     drained: dict[str, Any] = {}
     try:
-        with common.fresh_database(args.server_url) as url, common.log_folder(NAME) as logs:
+        with jobs.fresh_database(args.server_url) as url, launch.log_folder(NAME) as logs:
             ids = webload.seed_for_reads(url, args.reads)
-            asyncio.run(common.seed(url, "noop", {}, args.backlog, held=True))
-            port = common.free_port()
-            with common.processes() as procs:
+            asyncio.run(jobs.seed(url, "noop", {}, args.backlog, held=True))
+            port = free_port()
+            with launch.processes() as procs:
                 webload.start_web(args, url, logs, procs, 1, port, "iso")
                 unit = args.rate
                 if unit is None:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                         connections=16,
                     )
                     unit = max(10.0, round(capacity["achieved_rps"] / 2))
-                    common.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
+                    command.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
 
                 def phase(label: str) -> None:
                     r = webload.loadgen(
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["phase"] = label
                     phases.append(r)
                     lat = r["latency_ms"]
-                    common.say(
+                    command.say(
                         f"{label}: p50 {lat['p50']} ms, p99 {lat['p99']} ms, "
                         f"p99.9 {lat['p99_9']} ms, errors {r['errors']}"
                     )
@@ -81,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
                 phase("without workers")
                 workers = []
                 for i in range(args.workers):
-                    mport = common.free_port()
+                    mport = free_port()
                     group = (
                         quota.group(f"w{i}", args.worker_cpu_quota)
                         if args.worker_cpu_quota
                         else None
                     )
-                    w = common.tierline(
+                    w = launch.tierline(
                         "worker",
                         url,
                         logs,
@@ -101,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                     procs.append(w)
                     workers.append((w, mport))
                 for w, mport in workers:
-                    common.wait_ready(f"http://127.0.0.1:{mport}", w)
-                common.release(url)
+                    launch.wait_ready(f"http://127.0.0.1:{mport}", w)
+                jobs.release(url)
                 t0 = time.monotonic()
                 phase("while workers drain the backlog")
                 loaded_s = time.monotonic() - t0
-                left = common.unfinished(url)
+                left = jobs.unfinished(url)
                 for w, _ in workers:
-                    w.stop(timeout=30)
+                    w.close(timeout=30)
                 done = args.backlog - left
                 drained = {
                     "jobs_finished_during_phase": done,
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                     "backlog_ran_out": left == 0,
                     "drain_rate_per_s": round(done / loaded_s, 1),
                 }
-                common.say(
+                command.say(
                     f"workers drained {done} jobs ({drained['drain_rate_per_s']}/s); {left} left"
                 )
                 phase("without workers (again)")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     data = {
         "machine": machine,
-        "server": common.server_info(args.server_url),
+        "server": output.server_info(args.server_url),
         "unit_load_rps": unit,
         "capacity_one_replica": capacity
         and {k: capacity[k] for k in ("achieved_rps", "latency_ms", "errors")},
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.backlog:,} no-op jobs ({drained.get('drain_rate_per_s', 'n/a')} jobs/s during "
         f"the phase, backlog {'ran out' if drained.get('backlog_ran_out') else 'lasted'}).",
         "",
-        common.table(
+        output.table(
             ["phase", "achieved req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors"],
             [
                 (
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     def chart(path: Path) -> None:
-        plt = common.pyplot()
+        plt = output.pyplot()
         fig, ax = plt.subplots(figsize=(6.5, 3.4))
         keys = ["p50", "p90", "p99", "p99_9"]
         width = 0.8 / len(phases)
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
-    common.write_results(NAME, args, data, "\n".join(md), chart)
+    output.write_results(NAME, args, data, "\n".join(md), chart)
     return 0
 
 

@@ -13,7 +13,10 @@ import asyncio
 import time
 from pathlib import Path
 
-from bench import common
+from bench import command, jobs, launch, output, percentiles
+from tierline.testing.databases import query
+from tierline.testing.ports import free_port
+from tierline.testing.waiting import wait_for
 
 NAME = "pickup"
 
@@ -21,7 +24,7 @@ NAME = "pickup"
 async def produce(url: str, n: int, rate: float) -> dict[int, float]:
     """Enqueue ``n`` stamp jobs at ``rate``/s; job id -> time enqueue returned."""
     returned: dict[int, float] = {}
-    async with common.producer(url) as app:
+    async with jobs.producer(url) as app:
         await app.enqueue("noop")  # open the pool before the clock starts
         start = time.monotonic() + 0.2
         for i in range(n):
@@ -34,17 +37,17 @@ async def produce(url: str, n: int, rate: float) -> dict[int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    p = command.parser(__doc__.splitlines()[0] if __doc__ else NAME)
     p.add_argument("--jobs", type=int, default=1000, help="Jobs enqueued.")
     p.add_argument("--rate", type=float, default=50.0, help="Enqueue rate (jobs/s).")
     args = p.parse_args(argv)
     if args.smoke:
         args.jobs = 20
-    machine = common.machine()
-    with common.fresh_database(args.server_url) as url, common.log_folder(NAME) as logs:
-        port = common.free_port()
-        with common.processes() as procs:
-            worker = common.tierline(
+    machine = output.machine()
+    with jobs.fresh_database(args.server_url) as url, launch.log_folder(NAME) as logs:
+        port = free_port()
+        with launch.processes() as procs:
+            worker = launch.tierline(
                 "worker",
                 url,
                 logs,
@@ -54,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                 TIERLINE_WORKER_METRICS_PORT=port,
             )
             procs.append(worker)
-            common.wait_ready(f"http://127.0.0.1:{port}", worker)
+            launch.wait_ready(f"http://127.0.0.1:{port}", worker)
             returned = asyncio.run(produce(url, args.jobs, args.rate))
-            common.wait_until(lambda: common.unfinished(url) == 0, 60, "every job finished")
-        rows = common.query(
+            wait_for(lambda: jobs.unfinished(url) == 0, 60, "every job finished", tolerate=())
+        rows = query(
             url,
             "SELECT id, (result->>'t')::float8 AS t, "
             "extract(epoch FROM started_at - created_at)::float8 AS db_s "
@@ -66,16 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     client = [r["t"] - returned[r["id"]] for r in rows if r["id"] in returned]
     db = [float(r["db_s"]) for r in rows]
     negatives = sum(1 for d in client if d < 0)
-    stats_client = common.summary_ms(client)
-    stats_db = common.summary_ms(db)
+    stats_client = percentiles.summary_ms(client)
+    stats_db = percentiles.summary_ms(db)
     target_ms = 10.0
-    common.say(
+    command.say(
         f"pickup delay over {len(client)} jobs: p50 {stats_client['p50']} ms, "
         f"p90 {stats_client['p90']} ms, p99 {stats_client['p99']} ms"
     )
     data = {
         "machine": machine,
-        "server": common.server_info(args.server_url),
+        "server": output.server_info(args.server_url),
         "jobs": args.jobs,
         "rate_per_s": args.rate,
         "finished": len(rows),
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Pickup delay of an idle worker (default concurrency), {args.jobs:,} jobs enqueued "
         f"one at a time at {args.rate:g}/s. Target: p99 <= {target_ms:g} ms.",
         "",
-        common.table(
+        output.table(
             ["measure", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"],
             [
                 (
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
 
     def chart(path: Path) -> None:
-        plt = common.pyplot()
+        plt = output.pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.hist([d * 1000 for d in client], bins=50, color="#4c72b0")
         ax.axvline(target_ms, color="#c44e52", ls="--", label="p99 target")
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
-    common.write_results(NAME, args, data, "\n".join(md), chart)
+    output.write_results(NAME, args, data, "\n".join(md), chart)
     return 0 if len(rows) == args.jobs else 1
 
 

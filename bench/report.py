@@ -12,10 +12,10 @@ import re
 import shutil
 from pathlib import Path
 
-from bench import common
+from bench import command
 
-DOC = common.ROOT / "docs" / "benchmarks.md"
-IMG = common.ROOT / "docs" / "img"
+DOC = command.ROOT / "docs" / "benchmarks.md"
+IMG = command.ROOT / "docs" / "img"
 BLOCK = re.compile(r"(<!-- bench:([a-z-]+) -->\n)(.*?)(<!-- /bench:\2 -->)", re.S)
 
 
@@ -44,12 +44,12 @@ def update(doc: Path, results: Path, img: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
-    p.add_argument("--results", type=Path, default=common.RESULTS)
+    p.add_argument("--results", type=Path, default=command.RESULTS)
     p.add_argument("--doc", type=Path, default=DOC)
     p.add_argument("--img", type=Path, default=IMG)
     args = p.parse_args(argv)
     names = update(args.doc, args.results, args.img)
-    common.say(f"updated {args.doc} with: {', '.join(names) or 'nothing'}")
+    command.say(f"updated {args.doc} with: {', '.join(names) or 'nothing'}")
     return 0
 
 

@@ -24,7 +24,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import command, cpuquota, jobs, launch, output, sampling
+from tierline.testing.databases import dbname, query
+from tierline.testing.ports import free_port
 
 NAME = "scale-workers"
 
@@ -42,7 +44,7 @@ def cpu_job_seconds(iterations: int) -> float:
 
 
 def run_point(
-    args: Any, mix: str, n: int, quota: common.CpuQuota, expected_per_replica: float
+    args: Any, mix: str, n: int, quota: cpuquota.CpuQuota, expected_per_replica: float
 ) -> dict[str, Any]:
     """Throughput of ``n`` replicas on one mix."""
     if mix == "io":
@@ -51,18 +53,18 @@ def run_point(
         kind, job_args, concurrency = "cpu", {"iterations": args.iterations}, args.cpu_concurrency
     horizon = args.warmup + args.window + 5
     backlog = max(200, math.ceil(n * expected_per_replica * horizon * args.backlog_factor))
-    with common.fresh_database(args.server_url) as url, common.log_folder(NAME) as logs:
-        asyncio.run(common.seed(url, kind, job_args, backlog, held=True))
+    with jobs.fresh_database(args.server_url) as url, launch.log_folder(NAME) as logs:
+        asyncio.run(jobs.seed(url, kind, job_args, backlog, held=True))
         groups = []
-        with common.processes() as procs:
+        with launch.processes() as procs:
             ports = []
             for i in range(n):
                 group = quota.group(f"{mix}-{n}-{i}", args.cpu_quota) if mix == "cpu" else None
                 groups.append(group)
-                port = common.free_port()
+                port = free_port()
                 ports.append(port)
                 procs.append(
-                    common.tierline(
+                    launch.tierline(
                         "worker",
                         url,
                         logs,
@@ -75,22 +77,22 @@ def run_point(
                     )
                 )
             for proc, port in zip(procs, ports, strict=True):
-                common.wait_ready(f"http://127.0.0.1:{port}", proc, timeout=120)
-            sampler = common.DbSampler(args.server_url, common.dbname(url))
+                launch.wait_ready(f"http://127.0.0.1:{port}", proc, timeout=120)
+            sampler = sampling.DbSampler(args.server_url, dbname(url))
             sampler.start()
-            cpu0 = sum(p.cpu_seconds() for p in procs)
+            cpu0 = sum(sampling.cpu_seconds(p.pid) for p in procs)
             throttled0 = sum(quota.throttled_s(g) for g in groups)
-            released = common.release(url)
+            released = jobs.release(url)
             end = time.monotonic() + args.warmup + args.window
             while time.monotonic() < end:
                 time.sleep(0.5)
                 sampler.sample()
-            replica_cpu = sum(p.cpu_seconds() for p in procs) - cpu0
+            replica_cpu = sum(sampling.cpu_seconds(p.pid) for p in procs) - cpu0
             throttled = sum(quota.throttled_s(g) for g in groups) - throttled0
             alive = sum(p.alive() for p in procs)
         a = released + timedelta(seconds=args.warmup)
         b = a + timedelta(seconds=args.window)
-        row = common.query(
+        row = query(
             url,
             "SELECT count(*) FILTER (WHERE finished_at >= %(a)s AND finished_at < %(b)s) AS n,"
             " count(*) FILTER (WHERE state IN ('available', 'scheduled', 'retrying')) AS left,"
@@ -123,7 +125,7 @@ def run_point(
         # Per job over the whole sampled interval: warm-up and window both drain the backlog.
         total = done * elapsed / args.window
         result["db_cpu_ms_per_job"] = round(db_cpu / total * 1000, 3)
-    common.say(
+    command.say(
         f"{mix} x{n}: {throughput:,.1f} jobs/s, db CPU {result['db_cpu_cores']} cores, "
         f"{result['db_connections_max']} connections, backlog left {row['left']}"
     )
@@ -131,7 +133,7 @@ def run_point(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    p = command.parser(__doc__.splitlines()[0] if __doc__ else NAME)
     p.add_argument(
         "--replicas", default="1,2,4,8", help="Comma-separated replica counts (first: base)."
     )
@@ -154,14 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         args.iterations = 2000
     counts = [int(x) for x in args.replicas.split(",") if x]
     mixes = [m for m in args.mixes.split(",") if m]
-    machine = common.machine()
-    quota = common.CpuQuota(NAME)
+    machine = output.machine()
+    quota = cpuquota.CpuQuota(NAME)
     job_cpu_s = cpu_job_seconds(args.iterations)
     expected = {
         "io": args.io_concurrency / args.sleep_s,
         "cpu": (min(args.cpu_quota, 1.0) if quota.available else 1.0) / job_cpu_s,
     }
-    common.say(
+    command.say(
         f"cpu job: {job_cpu_s * 1000:.1f} ms CPU; quotas: "
         + ("available" if quota.available else f"UNAVAILABLE ({quota.reason})")
     )
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     data = {
         "machine": machine,
-        "server": common.server_info(args.server_url),
+        "server": output.server_info(args.server_url),
         "cpu_quota": {
             "applied": quota.available and "cpu" in mixes,
             "cores_per_replica": args.cpu_quota,
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         f"concurrency {args.cpu_concurrency}, {quota_text}. Window {args.window:g} s after "
         f"{args.warmup:g} s warm-up.",
         "",
-        common.table(
+        output.table(
             [
                 "mix",
                 "replicas",
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
         ),
         "",
-        common.table(
+        output.table(
             ["mix", "replicas", "efficiency", "target", "meets"],
             [
                 (
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     def chart(path: Path) -> None:
-        plt = common.pyplot()
+        plt = output.pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
         for mix, color in (("io", "#4c72b0"), ("cpu", "#dd8452")):
             mine = [r for r in results if r["mix"] == mix]
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
-    common.write_results(NAME, args, data, "\n".join(md), chart)
+    output.write_results(NAME, args, data, "\n".join(md), chart)
     ok = all(r["replicas_alive_at_end"] == r["replicas"] and not r["failed"] for r in results)
     return 0 if ok else 1
 

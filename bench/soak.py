@@ -23,7 +23,11 @@ from typing import Any
 
 import httpx
 
-from bench import common
+from bench import command, jobs, launch, output, percentiles, sampling
+from tierline.testing.databases import query
+from tierline.testing.ports import free_port
+from tierline.testing.processes import Proc
+from tierline.testing.waiting import wait_for
 
 NAME = "soak"
 FINAL = ("succeeded", "failed", "cancelled")
@@ -37,7 +41,7 @@ MIX: list[tuple[float, dict[str, Any]]] = [
 
 
 def parse_args() -> Any:
-    p = common.parser(__doc__.splitlines()[0])
+    p = command.parser(__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=3600.0, help="Seconds of load.")
     p.add_argument("--interval", type=float, default=10.0, help="Seconds between samples.")
     p.add_argument("--rate", type=float, default=20.0, help="Enqueues per second.")
@@ -187,13 +191,13 @@ class Clients:
             self.count("streams cut")
 
 
-def sample(url: str, procs: dict[str, common.Proc], clients: Clients, t0: float) -> dict[str, Any]:
-    conns = common.query(
+def sample(url: str, procs: dict[str, Proc], clients: Clients, t0: float) -> dict[str, Any]:
+    conns = query(
         url,
         "SELECT application_name AS name, count(*) AS n FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid() GROUP BY 1",
     )
-    queue = common.query(url, "SELECT state, count(*) AS n FROM tierline.jobs GROUP BY state")
+    queue = query(url, "SELECT state, count(*) AS n FROM tierline.jobs GROUP BY state")
     with clients.lock:
         counts = dict(clients.counts)
         latencies = sorted(clients.latency_ms)
@@ -201,13 +205,13 @@ def sample(url: str, procs: dict[str, common.Proc], clients: Clients, t0: float)
     return {
         "t_s": round(time.monotonic() - t0, 1),
         "processes": {
-            name: {**proc_status(p.pid), "cpu_s": round(p.cpu_seconds(), 2)}
+            name: {**proc_status(p.pid), "cpu_s": round(sampling.cpu_seconds(p.pid), 2)}
             for name, p in procs.items()
         },
         "connections": {r["name"] or "(none)": int(r["n"]) for r in conns},
         "queue": {r["state"]: int(r["n"]) for r in queue},
         "clients": counts,
-        "enqueue_ms": common.summary_ms([v / 1000 for v in latencies]) if latencies else {},
+        "enqueue_ms": percentiles.summary_ms([v / 1000 for v in latencies]) if latencies else {},
     }
 
 
@@ -250,29 +254,29 @@ def summarise(samples: list[dict[str, Any]], names: list[str]) -> dict[str, Any]
 
 def main() -> int:
     args = parse_args()
-    common.say(
+    command.say(
         f"soak: {args.duration:.0f} s, {args.web} web + {args.workers} workers, "
         f"{args.rate}/s enqueues, {args.reads}/s reads, {args.streams} streams"
     )
     with (
-        common.fresh_database(args.server_url) as url,
-        common.log_folder(NAME) as logs,
-        common.processes() as started,
+        jobs.fresh_database(args.server_url) as url,
+        launch.log_folder(NAME) as logs,
+        launch.processes() as started,
     ):
-        procs: dict[str, common.Proc] = {}
+        procs: dict[str, Proc] = {}
         urls = []
         for i in range(args.web):
-            port = common.free_port()
-            p = common.tierline(
+            port = free_port()
+            p = launch.tierline(
                 "web", url, logs, f"web-{i}", log_level=args.log_level, TIERLINE_WEB_PORT=port
             )
             started.append(p)
             procs[f"web-{i}"] = p
             urls.append(f"http://127.0.0.1:{port}")
-            common.wait_ready(urls[-1], p)
+            launch.wait_ready(urls[-1], p)
         for i in range(args.workers):
-            port = common.free_port()
-            p = common.tierline(
+            port = free_port()
+            p = launch.tierline(
                 "worker",
                 url,
                 logs,
@@ -282,7 +286,7 @@ def main() -> int:
             )
             started.append(p)
             procs[f"worker-{i}"] = p
-            common.wait_ready(f"http://127.0.0.1:{port}", p)
+            launch.wait_ready(f"http://127.0.0.1:{port}", p)
         clients = Clients(urls, args)
         samples: list[dict[str, Any]] = []
         t0 = time.monotonic()
@@ -293,7 +297,7 @@ def main() -> int:
                 samples.append(sample(url, procs, clients, t0))
                 s = samples[-1]
                 rss = " ".join(f"{n}={v['rss_mib']:.0f}" for n, v in s["processes"].items())
-                common.say(
+                command.say(
                     f"t={s['t_s']:.0f}s rss MiB {rss} conns={sum(s['connections'].values())} "
                     f"queue={s['queue']}"
                 )
@@ -304,9 +308,9 @@ def main() -> int:
             time.sleep(0.2)
         clients.join()
         samples.append(sample(url, procs, clients, t0))
-        common.wait_until(
+        wait_for(
             lambda: (
-                not common.query(
+                not query(
                     url,
                     "SELECT 1 FROM tierline.jobs WHERE state NOT IN "
                     "('succeeded', 'failed', 'cancelled') LIMIT 1",
@@ -314,9 +318,10 @@ def main() -> int:
             ),
             120,
             "the backlog to drain",
+            tolerate=(),
         )
         accepted = dict(clients.accepted)
-        found = common.query(
+        found = query(
             url,
             "SELECT idempotency_key AS key, state FROM tierline.jobs "
             "WHERE idempotency_key = ANY(%s)",
@@ -326,7 +331,7 @@ def main() -> int:
         lost = len(accepted) - len(found)
         exit_codes = {}
         for name, p in procs.items():
-            p.stop(timeout=60)
+            p.close(timeout=60)
             exit_codes[name] = p.proc.returncode
     summary = summarise(samples, list(procs))
     data = {
@@ -336,7 +341,7 @@ def main() -> int:
         "reads_per_s": args.reads,
         "streams": args.streams,
         "replicas": {"web": args.web, "worker": args.workers},
-        "machine": common.machine(),
+        "machine": output.machine(),
         "accepted": len(accepted),
         "lost": lost,
         "final_states": dict(states),
@@ -368,7 +373,7 @@ def main() -> int:
             f"enqueues/s, {args.reads:g} reads/s, {args.streams} SSE followers; a sample "
             f"every {args.interval:g} s ({len(samples)} samples).",
             "",
-            common.table(
+            output.table(
                 [
                     "process",
                     "RSS after warm-up (MiB)",
@@ -393,7 +398,7 @@ def main() -> int:
             "Counts: `" + json.dumps(dict(clients.counts), sort_keys=True) + "`",
         ]
     )
-    common.write_results(NAME, args, data, md)
+    output.write_results(NAME, args, data, md)
     return 0 if lost == 0 and set(exit_codes.values()) == {0} else 1
 
 

@@ -30,9 +30,11 @@ from typing import Any
 
 import httpx
 
-from bench import common
+from bench import command, jobs, launch, output, percentiles, sampling
 from tierline.app import App
 from tierline.context import JobContext
+from tierline.testing.ports import free_port
+from tierline.testing.processes import Proc
 
 NAME = "stream-latency"
 APP = "bench.stream_latency:app"
@@ -117,8 +119,8 @@ async def consume(reader: asyncio.StreamReader, stream: Stream) -> None:
 # -- one step ---------------------------------------------------------------------------------
 async def run_step(
     url: str,
-    web: common.Proc,
-    worker: common.Proc,
+    web: Proc,
+    worker: Proc,
     n: int,
     rate: float,
     window_s: float,
@@ -160,7 +162,11 @@ async def run_step(
         )
     open_s = time.monotonic() - opening
     late = time.time() > start_at
-    cpu0, wcpu0, wall0 = web.cpu_seconds(), worker.cpu_seconds(), time.monotonic()
+    cpu0, wcpu0, wall0 = (
+        sampling.cpu_seconds(web.pid),
+        sampling.cpu_seconds(worker.pid),
+        time.monotonic(),
+    )
     ccpu0 = time.process_time()
     waits0 = [cpu_wait_s(p) for p in (web.pid, worker.pid, os.getpid())]  # see pids below
     consumers = [asyncio.create_task(consume(r, s)) for r, s in zip(readers, streams, strict=True)]
@@ -170,8 +176,8 @@ async def run_step(
         rss_max = max(rss_max, rss_kib(web.pid))
         await asyncio.sleep(0.5)
     took = time.monotonic() - wall0
-    cpu = (web.cpu_seconds() - cpu0) / took
-    worker_cpu = (worker.cpu_seconds() - wcpu0) / took
+    cpu = (sampling.cpu_seconds(web.pid) - cpu0) / took
+    worker_cpu = (sampling.cpu_seconds(worker.pid) - wcpu0) / took
     client_cpu = (time.process_time() - ccpu0) / took
     pids = (web.pid, worker.pid, os.getpid())
     waits = [(cpu_wait_s(p) - w0) / took for p, w0 in zip(pids, waits0, strict=True)]
@@ -198,12 +204,12 @@ async def run_step(
         "events_received": len(latencies),
         "streams_failed": len(errors),
         "first_errors": errors[:3],
-        "latency_ms": common.summary_ms(latencies),
+        "latency_ms": percentiles.summary_ms(latencies),
         # `at` of an event is the start of the worker's write transaction (database clock):
         # the part spent in the worker before the write, and the rest (write, commit,
         # NOTIFY, the replica's fetch and fan-out, the socket).
-        "to_write_ms": common.summary_ms([x for s in streams for x in s.to_db]),
-        "write_to_client_ms": common.summary_ms(
+        "to_write_ms": percentiles.summary_ms([x for s in streams for x in s.to_db]),
+        "write_to_client_ms": percentiles.summary_ms(
             [x - y for s in streams for x, y in zip(s.latencies, s.to_db, strict=True)]
         ),
         "web_cpu_cores": round(cpu, 2),
@@ -215,7 +221,7 @@ async def run_step(
             "worker": round(waits[1], 3),
             "client": round(waits[2], 3),
         },
-        "load_average": common.load_average(),
+        "load_average": output.load_average(),
         "web_rss_mib": round(rss_max / 1024, 1),
     }
 
@@ -254,7 +260,7 @@ def sustained(step: dict[str, Any], max_p99_ms: float) -> bool:
 
 # -- the run ----------------------------------------------------------------------------------
 def main() -> None:
-    p = common.parser(__doc__.split("\n\n")[0] if __doc__ else NAME)
+    p = command.parser(__doc__.split("\n\n")[0] if __doc__ else NAME)
     p.add_argument(
         "--streams",
         default="1000,2000,4000,8000",
@@ -280,13 +286,13 @@ def main() -> None:
 
     steps: list[dict[str, Any]] = []
     with (
-        common.fresh_database(args.server_url) as db_url,
-        common.log_folder(NAME) as logs,
-        common.processes() as procs,
+        jobs.fresh_database(args.server_url) as db_url,
+        launch.log_folder(NAME) as logs,
+        launch.processes() as procs,
     ):
-        port = common.free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
-        web = common.tierline(
+        web = launch.tierline(
             "web",
             db_url,
             logs,
@@ -297,8 +303,8 @@ def main() -> None:
             TIERLINE_SSE_MAX_STREAMS=most + 100,
         )
         procs.append(web)
-        worker_port = common.free_port()
-        worker = common.tierline(
+        worker_port = free_port()
+        worker = launch.tierline(
             "worker",
             db_url,
             logs,
@@ -309,10 +315,10 @@ def main() -> None:
             TIERLINE_WORKER_CONCURRENCY=min(10_000, most, args.jobs),
         )
         procs.append(worker)
-        common.wait_ready(url, web)
-        common.wait_ready(f"http://127.0.0.1:{worker_port}", worker)
+        launch.wait_ready(url, web)
+        launch.wait_ready(f"http://127.0.0.1:{worker_port}", worker)
         for n in counts:
-            common.say(f"{n} streams, {args.rate:g} events/s in total")
+            command.say(f"{n} streams, {args.rate:g} events/s in total")
             step = asyncio.run(
                 run_step(
                     url,
@@ -328,11 +334,11 @@ def main() -> None:
             step["sustained"] = sustained(step, args.max_p99_ms)
             lat = step["latency_ms"]
             tw, wc = step["to_write_ms"], step["write_to_client_ms"]
-            common.say(
+            command.say(
                 f"  in the worker p50 {tw['p50']:.1f} / p99 {tw['p99']:.1f} ms, then to the "
                 f"client p50 {wc['p50']:.1f} / p99 {wc['p99']:.1f} ms"
             )
-            common.say(
+            command.say(
                 f"  p50 {lat['p50']:.1f} ms, p90 {lat['p90']:.1f} ms, p99 {lat['p99']:.1f} ms; "
                 f"{step['events_received']}/{step['events_expected']} events, "
                 f"{step['streams_failed']} streams failed, CPU: web {step['web_cpu_cores']}, "
@@ -346,8 +352,8 @@ def main() -> None:
     first = steps[0]
     ok = [s["streams"] for s in steps if s["sustained"]]
     data = {
-        "machine": common.machine(),
-        "server": common.server_info(args.server_url),
+        "machine": output.machine(),
+        "server": output.server_info(args.server_url),
         "rate_events_per_s": args.rate,
         "max_p99_ms": args.max_p99_ms,
         "latency_streams": first["streams"],
@@ -387,7 +393,7 @@ def main() -> None:
             f"**{data['sustained_streams']:,} streams** (every event delivered, p99 <= "
             f"{args.max_p99_ms:g} ms).",
             "",
-            common.table(
+            output.table(
                 [
                     "streams",
                     "jobs",
@@ -410,10 +416,10 @@ def main() -> None:
             "client reads raw sockets to keep its own share small. *Waited for a core*: time "
             "the web replica's threads were runnable but not running, per second (from "
             "`/proc/PID/task/*/schedstat`); well above its CPU use means the machine, not "
-            f"the replica, set the pace. Load average at the end: {common.load_average()}.",
+            f"the replica, set the pace. Load average at the end: {output.load_average()}.",
         ]
     )
-    common.write_results(NAME, args, data, md)
+    output.write_results(NAME, args, data, md)
     if math.isnan(lat["p99"]):
         raise SystemExit("no events measured")
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench import common, webload
+from bench import command, jobs, launch, output, webload
+from tierline.testing.ports import free_port
 
 NAME = "web-latency"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    p = command.parser(__doc__.splitlines()[0] if __doc__ else NAME)
     p.add_argument("--replicas", default="1,2,4", help="Comma-separated replica counts.")
     p.add_argument("--loads", default="1,2,4", help="Offered loads as multiples of R.")
     p.add_argument("--rate", type=float, default=None, help="R in requests/s (default C/2).")
@@ -34,15 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         args.reads, args.connections = 50, 8
     counts = [int(x) for x in args.replicas.split(",") if x]
     loads = [float(x) for x in args.loads.split(",") if x]
-    machine = common.machine()
+    machine = output.machine()
     points: list[dict[str, Any]] = []
     capacity: dict[str, Any] | None = None
-    with common.fresh_database(args.server_url) as url, common.log_folder(NAME) as logs:
+    with jobs.fresh_database(args.server_url) as url, launch.log_folder(NAME) as logs:
         ids = webload.seed_for_reads(url, args.reads)
         unit = args.rate
         for n in counts:
-            port = common.free_port()
-            with common.processes() as procs:
+            port = free_port()
+            with launch.processes() as procs:
                 webload.start_web(args, url, logs, procs, n, port, f"x{n}")
                 if unit is None:
                     capacity = webload.loadgen(
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                         connections=16,
                     )
                     unit = max(10.0, round(capacity["achieved_rps"] / 2))
-                    common.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
+                    command.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
                 for mult in loads:
                     rate = unit * mult
                     r = webload.loadgen(
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                     r.update({"replicas": n, "load": f"{mult:g}R"})
                     points.append(r)
                     lat = r["latency_ms"]
-                    common.say(
+                    command.say(
                         f"{n} replicas at {mult:g}R = {rate:g} req/s: p50 {lat['p50']} ms, "
                         f"p99 {lat['p99']} ms, p99.9 {lat['p99_9']} ms, errors {r['errors']}"
                     )
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     data = {
         "machine": machine,
-        "server": common.server_info(args.server_url),
+        "server": output.server_info(args.server_url),
         "unit_load_rps": unit,
         "capacity_one_replica": capacity
         and {k: capacity[k] for k in ("achieved_rps", "latency_ms", "errors")},
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Mix {webload.MIX} (weights), {args.connections} keep-alive connections, "
         f"{args.duration:g} s per point, latency from the intended send time.",
         "",
-        common.table(
+        output.table(
             [
                 "replicas",
                 "load",
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
 
     def chart(path: Path) -> None:
-        plt = common.pyplot()
+        plt = output.pyplot()
         fig, ax = plt.subplots(figsize=(6.5, 3.6))
         for n in counts:
             mine = [x for x in points if x["replicas"] == n]
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
-    common.write_results(NAME, args, data, "\n".join(md), chart)
+    output.write_results(NAME, args, data, "\n".join(md), chart)
     return 0
 
 

@@ -11,7 +11,10 @@ from typing import Any
 
 import httpx
 
-from bench import common
+from bench import jobs, launch, percentiles
+from tierline.testing.databases import query
+from tierline.testing.processes import Proc, tierline_env
+from tierline.testing.waiting import wait_for
 
 MIX = "enqueue=1,get=7,list=2"
 
@@ -20,16 +23,16 @@ def start_web(
     args: Any,
     url: str,
     logs: Path,
-    procs: list[common.Proc],
+    procs: list[Proc],
     n: int,
     port: int,
     label: str,
     cgroup: Path | None = None,
-) -> list[common.Proc]:
+) -> list[Proc]:
     """``n`` web replicas on one port (``--reuse-port``), all ready."""
     mine = []
     for i in range(n):
-        proc = common.tierline(
+        proc = launch.tierline(
             "web",
             url,
             logs,
@@ -58,7 +61,7 @@ def start_web(
         ready = {r["pid"] for r in reply.json()["replicas"] if r["tier"] == "web" and r["ready"]}
         return pids <= ready
 
-    common.wait_until(all_ready, 120, f"{n} web replicas ready", interval=0.3)
+    wait_for(all_ready, 120, f"{n} web replicas ready", interval=0.3, tolerate=())
     return mine
 
 
@@ -102,7 +105,7 @@ def loadgen(
         cmd,
         capture_output=True,
         text=True,
-        env=common.tierline_env("postgresql://unused"),
+        env=tierline_env("postgresql://unused", quick=False),
         timeout=duration + warmup + 120,
         check=False,
         preexec_fn=preexec,
@@ -123,8 +126,8 @@ def loadgen(
         "errors": errors,
         "error_kinds": raw["errors"],
         "generator_behind_s": raw["generator_behind_s"],
-        "latency_ms": common.summary_ms(every),
-        "latency_ms_by_op": {op: common.summary_ms(v) for op, v in raw["latencies"].items()},
+        "latency_ms": percentiles.summary_ms(every),
+        "latency_ms_by_op": {op: percentiles.summary_ms(v) for op, v in raw["latencies"].items()},
     }
 
 
@@ -132,8 +135,8 @@ def seed_for_reads(url: str, n: int) -> tuple[int, int]:
     """Jobs to GET: ``n`` finished-looking rows in queue ``web-read``; their id range."""
     import asyncio
 
-    asyncio.run(common.seed(url, "noop", {}, n, queue="web-read"))
-    row = common.query(
+    asyncio.run(jobs.seed(url, "noop", {}, n, queue="web-read"))
+    row = query(
         url, "SELECT min(id) AS lo, max(id) AS hi FROM tierline.jobs WHERE queue = 'web-read'"
     )[0]
     return int(row["lo"]), int(row["hi"])
