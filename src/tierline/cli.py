@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from tierline import __version__
 from tierline.errors import AppLoadError, TierlineError
-from tierline.settings import Settings, env_name
+from tierline.settings import FALLBACK_DATABASE_URL, Settings, env_name
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -38,28 +38,73 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def setup_logging(settings: Settings, **context: Any) -> None:
-    from tierline.logs import configure
+    from tierline.logs import configure, get_logger
 
     configure(settings.log_level, settings.log_format, **context)
+    if _database_source is not None:
+        get_logger("tierline.cli").info("database", source=_database_source)
 
 
 def with_database(settings: Settings, *, quiet: bool = False) -> Settings:
-    """Settings with a database URL: the given one, or the embedded server's."""
+    """Settings with a database URL: ``TIERLINE_DATABASE_URL``, else ``DATABASE_URL``, else
+    the embedded server of the ``tierline up`` running in the data folder. Nothing but
+    ``tierline up`` starts an embedded server: a replica with a missing secret must not
+    quietly get a private database that no other replica sees, so it exits 2 instead."""
+    global _database_source
     if settings.database_url is not None:
+        _database_source = (
+            env_name("database_url") if os.environ.get(env_name("database_url")) else FALLBACK_URL
+        )
         return settings
+    url = _running_up_database(settings.data_dir)
+    if url is None:
+        fail(
+            f"no database: {env_name('database_url')} is not set (nor {FALLBACK_URL}) and no "
+            f"`tierline up` runs in {os.path.abspath(settings.data_dir)} to join; set "
+            f"{env_name('database_url')}=postgresql://user@host:5432/db, or start `tierline up` "
+            "for a local one"
+        )
+    _database_source = f"the embedded PostgreSQL of `tierline up` in {settings.data_dir}"
+    if not quiet:
+        click.echo(f"tierline: using {_database_source} ({url})", err=True)
+    return settings.model_copy(update={"database_url": SecretStr(url)})
+
+
+def with_embedded_database(settings: Settings) -> tuple[Settings, str | None]:
+    """For ``tierline up``: the configured database, else an embedded server of its own
+    in the data folder (started, or joined if it runs); the embedded URL, if any."""
+    if settings.database_url is not None:
+        return with_database(settings), None
     from tierline import embedded
 
     try:
         url = embedded.start(settings.data_dir)
     except TierlineError as exc:
         fail(str(exc))
-    if not quiet:
-        click.echo(
-            f"tierline: embedded PostgreSQL at {url} "
-            f"(data in {os.path.join(settings.data_dir, 'pgdata')})",
-            err=True,
-        )
-    return settings.model_copy(update={"database_url": SecretStr(url)})
+    click.echo(
+        f"tierline: embedded PostgreSQL at {url} "
+        f"(data in {os.path.join(settings.data_dir, 'pgdata')})",
+        err=True,
+    )
+    global _database_source
+    _database_source = "embedded"
+    return settings.model_copy(update={"database_url": SecretStr(url)}), url
+
+
+FALLBACK_URL = FALLBACK_DATABASE_URL
+_database_source: str | None = None  # which variable (or server) gave the URL, for the log
+
+
+def _running_up_database(data_dir: str) -> str | None:
+    """The embedded server's URL of a ``tierline up`` running in ``data_dir``, if any."""
+    from tierline.supervisor import send_control
+
+    try:
+        reply = asyncio.run(asyncio.wait_for(send_control(data_dir, {}), timeout=5))
+    except (OSError, TimeoutError, ValueError):
+        return None
+    url = reply.get("embedded_database_url")
+    return url if isinstance(url, str) else None
 
 
 def load_app(spec: str) -> Any:
@@ -183,7 +228,7 @@ def _app_or_fail(settings: Settings) -> Any:
 def up(up_web: str | None, up_workers: str | None, app: str | None, web_port: str | None) -> None:
     """Run the whole system: database (embedded unless TIERLINE_DATABASE_URL is set),
     migrations, web and worker replicas as separate processes."""
-    settings = with_database(
+    settings, embedded_url = with_embedded_database(
         load_settings(app=app, web_port=web_port, up_web=up_web, up_workers=up_workers)
     )
     web_n, workers_n = settings.up_web, settings.up_workers
@@ -215,7 +260,13 @@ def up(up_web: str | None, up_workers: str | None, app: str | None, web_port: st
         "`tierline scale worker=N` to change; Ctrl+C stops",
         err=True,
     )
-    sys.exit(run_async(lambda: Supervisor(settings, env, web=web_n, workers=workers_n).run()))
+    sys.exit(
+        run_async(
+            lambda: Supervisor(
+                settings, env, web=web_n, workers=workers_n, embedded_url=embedded_url
+            ).run()
+        )
+    )
 
 
 @main.command()

@@ -18,6 +18,8 @@ from tierline.errors import SettingsError
 
 PREFIX = "TIERLINE_"
 Tier = Literal["web", "worker"]
+# Read when TIERLINE_DATABASE_URL is unset: the platforms' convention (Heroku, Render, Fly).
+FALLBACK_DATABASE_URL = "DATABASE_URL"
 
 
 class Settings(BaseSettings):
@@ -31,7 +33,9 @@ class Settings(BaseSettings):
     database_url: SecretStr | None = Field(
         None,
         description="Where the connection pools connect (may be PgBouncer in transaction "
-        "mode). Unset: the CLI starts an embedded PostgreSQL in `TIERLINE_DATA_DIR`.",
+        "mode). Unset: `DATABASE_URL`; else `tierline up` starts an embedded PostgreSQL "
+        "in `TIERLINE_DATA_DIR`, which the other commands run in that folder join; "
+        "without either they exit 2.",
     )
     database_direct_url: SecretStr | None = Field(
         None,
@@ -300,6 +304,8 @@ class Settings(BaseSettings):
         values: dict[str, Any] = {
             known[k.upper()]: v for k, v in env.items() if k.upper() in known and v != ""
         }
+        if "database_url" not in values and env.get(FALLBACK_DATABASE_URL):
+            values["database_url"] = env[FALLBACK_DATABASE_URL]  # Heroku/Render/Fly
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls.model_validate(values)

@@ -49,8 +49,19 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, env: dict[str, str], *, web: int, workers: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        env: dict[str, str],
+        *,
+        web: int,
+        workers: int,
+        embedded_url: str | None = None,
+    ) -> None:
+        """``embedded_url``: the embedded server this ``tierline up`` started; other
+        commands run in the same data folder join it (``status``)."""
         self.settings = settings
+        self.embedded_url = embedded_url
         self.env = env
         self.want = {"web": web, "worker": workers}
         self.children: dict[tuple[str, int], Child] = {}
@@ -156,6 +167,7 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         return {
+            "embedded_database_url": self.embedded_url,
             "want": dict(self.want),
             "replicas": [
                 {
