@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": target,
         "summary": summary,
         "runs": runs,
-        "meets_target": summary[0]["median_rate_db_per_s"] >= target["min_jobs_per_s"],
+        "meets_target": float(summary[0]["median_rate_db_per_s"]) >= target["min_jobs_per_s"],
     }
     md = [
         f"Drain of {args.jobs:,} no-op jobs by one worker process "

@@ -12,7 +12,7 @@ from typing import Any
 
 from bench.command import say
 from tierline.testing.http import wait_ready as _wait_ready
-from tierline.testing.processes import Proc, tierline_env
+from tierline.testing.processes import Proc, plain_env
 
 
 def tierline(
@@ -30,7 +30,7 @@ def tierline(
     product's own timings, not the tests' quick ones); its log is ``log_dir/NAME.log``."""
     return Proc(
         [tier, *extra_args],
-        tierline_env(db_url, quick=False, TIERLINE_LOG_LEVEL=log_level, **env),
+        plain_env(db_url, TIERLINE_LOG_LEVEL=log_level, **env),
         log_dir / f"{name}.log",
         cgroup=cgroup,
     )

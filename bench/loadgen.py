@@ -97,11 +97,14 @@ class Connection:
 
     async def request(self, data: bytes, timeout: float) -> int:
         if self.writer is None or self.reader is None:
-            self.reader, self.writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port), timeout
             )
-        self.writer.write(data)
-        return await asyncio.wait_for(read_response(self.reader), timeout)
+            self.reader, self.writer = reader, writer
+        else:
+            reader, writer = self.reader, self.writer
+        writer.write(data)
+        return await asyncio.wait_for(read_response(reader), timeout)
 
     def reset(self) -> None:
         if self.writer is not None:
@@ -164,7 +167,7 @@ async def open_loop(args: argparse.Namespace, mix: Mix, stats: Stats) -> float:
     missing = stats.sent - stats.completed - sum(stats.errors.values())
     if missing > 0:
         stats.errors["no answer before the end"] = missing
-    return max(0.0, behind)
+    return max(0.0, float(behind))
 
 
 async def closed_loop(args: argparse.Namespace, mix: Mix, stats: Stats) -> float:

@@ -13,7 +13,7 @@ import httpx
 
 from bench import jobs, launch, percentiles
 from tierline.testing.databases import query
-from tierline.testing.processes import Proc, tierline_env
+from tierline.testing.processes import Proc, plain_env
 from tierline.testing.waiting import wait_for
 
 MIX = "enqueue=1,get=7,list=2"
@@ -105,7 +105,7 @@ def loadgen(
         cmd,
         capture_output=True,
         text=True,
-        env=tierline_env("postgresql://unused", quick=False),
+        env=plain_env("postgresql://unused"),
         timeout=duration + warmup + 120,
         check=False,
         preexec_fn=preexec,

@@ -592,7 +592,7 @@ def test_autoscalers_agree_with_the_recommendation_settings() -> None:
 def _known_variables() -> set[str]:
     """Every TIERLINE_* variable Tierline reads: settings, and CLI-only flags."""
     known = {f"TIERLINE_{name.upper()}" for name in Settings.model_fields}
-    commands = [cli_main, *cli_main.commands.values()]  # type: ignore[attr-defined]
+    commands = [cli_main, *cli_main.commands.values()]
     for command in commands:
         for param in command.params:
             envvar = getattr(param, "envvar", None)
@@ -665,7 +665,7 @@ def test_every_path_in_the_deployment_doc_exists() -> None:
 
 
 def test_every_tierline_command_in_the_deployment_doc_exists() -> None:
-    commands = cli_main.commands  # type: ignore[attr-defined]
+    commands = cli_main.commands
     seen = set()
     code = _doc_code()
     for line in code:

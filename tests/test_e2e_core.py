@@ -31,7 +31,7 @@ def test_eight_workers_race_over_5000_jobs_each_runs_once(cluster: Cluster, db_u
 
     def finished() -> bool:
         rows = query(db_url, "SELECT count(*) AS n FROM tierline.jobs WHERE state = 'succeeded'")
-        return rows[0]["n"] == 5000
+        return bool(rows[0]["n"] == 5000)
 
     wait_for(finished, 180, "5000 jobs to succeed")
     runs = query(

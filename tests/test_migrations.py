@@ -15,7 +15,7 @@ async def test_many_replicas_migrate_at_once(empty_db_url: str) -> None:
     async def one() -> int:
         conn = await psycopg.AsyncConnection.connect(empty_db_url, autocommit=True)
         try:
-            return len(await migrations.migrate(conn))  # type: ignore[arg-type]
+            return len(await migrations.migrate(conn))
         finally:
             await conn.close()
 
@@ -27,13 +27,13 @@ async def test_missing_and_newer_schema_are_refused(empty_db_url: str) -> None:
     conn = await psycopg.AsyncConnection.connect(empty_db_url, autocommit=True)
     try:
         with pytest.raises(SchemaError, match="run `tierline migrate`"):
-            await migrations.check(conn)  # type: ignore[arg-type]
-        await migrations.migrate(conn)  # type: ignore[arg-type]
-        assert await migrations.check(conn) == migrations.LATEST  # type: ignore[arg-type]
+            await migrations.check(conn)
+        await migrations.migrate(conn)
+        assert await migrations.check(conn) == migrations.LATEST
         await conn.execute("INSERT INTO tierline.migrations (version, name) VALUES (999, 'x')")
         with pytest.raises(SchemaError, match="newer than this Tierline"):
-            await migrations.check(conn)  # type: ignore[arg-type]
+            await migrations.check(conn)
         with pytest.raises(SchemaError, match="upgrade Tierline"):
-            await migrations.migrate(conn)  # type: ignore[arg-type]
+            await migrations.migrate(conn)
     finally:
         await conn.close()

@@ -81,7 +81,8 @@ def readyz(url: str) -> tuple[int, dict[str, Any]] | None:
 def my_replica(url: str, pid: int) -> dict[str, Any]:
     replicas = httpx.get(f"{url}/v1/cluster", timeout=10).json()["replicas"]
     [mine] = [r for r in replicas if r["pid"] == pid and r["status"] == "alive"]
-    return mine
+    found: dict[str, Any] = mine
+    return found
 
 
 # -- 1. a misconfigured pool is capped, logged once, and visible ------------------------------

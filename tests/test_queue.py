@@ -112,7 +112,7 @@ async def test_priority_then_age_order(pool: Any, queue: Queue, settings: Settin
     mid = (await queue.enqueue(JobRequest(kind="noop")))[0]
     high = (await queue.enqueue(JobRequest(kind="important")))[0]
     w = Worker(app, settings, pool, "00000000-0000-0000-0000-000000000002")
-    claimed = []
+    claimed: list[Any] = []
     for _ in range(3):
         await w.claim(1)
         claimed.extend(w.running)

@@ -54,8 +54,8 @@ def role_names(db_url: str) -> Iterator[dict[str, str]]:
         )
         for role in names.values():
             if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
-                conn.execute(f'DROP OWNED BY "{role}"')  # type: ignore[arg-type]
-                conn.execute(f'DROP ROLE "{role}"')  # type: ignore[arg-type]
+                conn.execute(f'DROP OWNED BY "{role}"')
+                conn.execute(f'DROP ROLE "{role}"')
 
 
 def role_settings(db_url: str, names: dict[str, str], **overrides: Any) -> Settings:
@@ -455,7 +455,7 @@ async def test_worker_role_rescues_promotes_and_prunes_only_past_retention(
         async with pool.connection() as conn:
             # Deleting anything else is filtered out by row-level security, silently.
             for table in ("jobs", "job_events", "replicas"):
-                cur = await conn.execute(f"DELETE FROM tierline.{table}")  # type: ignore[arg-type]
+                cur = await conn.execute(f"DELETE FROM tierline.{table}")
                 assert cur.rowcount == 0, table
             # A worker cannot write web replicas' registry rows.
             cur = await conn.execute("UPDATE tierline.replicas SET claimed = 0")

@@ -206,9 +206,9 @@ def test_scaling_the_web_tier_in_strands_no_connection(db_url: str, tmp_path: Pa
         for n in (1, 3, 1, 3):
             before = sum(p.ok for p in pollers)
             scale(env, f"web={n}")
-            wait_for(lambda n=n: len(tier_pids(up.pid, "web")) == n, 30, f"{n} web processes")
+            wait_for(lambda: len(tier_pids(up.pid, "web")) == n, 30, f"{n} web processes")  # noqa: B023
             wait_for(
-                lambda before=before: sum(p.ok for p in pollers) >= before + 200,
+                lambda: sum(p.ok for p in pollers) >= before + 200,  # noqa: B023
                 30,
                 "answers after the change",
             )

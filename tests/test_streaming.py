@@ -18,7 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Generator
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -440,7 +441,7 @@ def test_bad_ids_and_last_event_ids_get_clear_json_errors(cluster: Cluster) -> N
         err = json_error(c.get("/v1/jobs/424242/events"), 404)
         assert "424242" in err["message"]
         for bad in ("abc", "-1", "1.0", "0x1", "1 2", str(2**31), "9" * 30, "\u0661"):
-            hdr = {"Last-Event-ID": bad.encode()}  # bytes: non-ASCII goes out as UTF-8
+            hdr: dict[str, Any] = {"Last-Event-ID": bad.encode()}  # bytes: non-ASCII as UTF-8
             err = json_error(c.get(f"/v1/jobs/{job}/events", headers=hdr), 400)
             assert "Last-Event-ID" in err["message"]
         err = json_error(c.get(f"/v1/jobs/{job}/events", headers={"Last-Event-ID": "5"}), 400)
@@ -493,7 +494,7 @@ def test_firehose_filters_and_resumes_across_replicas_without_gap_or_duplicate(
         t.daemon = True
         t.start()
     for url in urls:
-        wait_for(lambda u=url: metric(u, "tierline_sse_streams_active") == 1, 10, "streams")
+        wait_for(lambda: metric(url, "tierline_sse_streams_active") == 1, 10, "streams")  # noqa: B023
 
     def producer() -> None:
         with httpx.Client(base_url=urls[0], timeout=10) as c:
@@ -558,8 +559,8 @@ def test_firehose_filters_and_resumes_across_replicas_without_gap_or_duplicate(
     both = filtered["b-or-a"]
     assert len(both) == len({e.id for e in both}) == len(stored)
     order = {r["fid"]: i for i, r in enumerate(stored)}
-    for got in filtered.values():
-        positions = [order[e.id] for e in got]
+    for kept in filtered.values():
+        positions = [order[e.id] for e in kept]
         assert positions == sorted(positions)
 
 
@@ -743,7 +744,7 @@ def test_api_keys_guard_streams(cluster: Cluster) -> None:
     )
     assert [e.type for e in ev] == ["enqueued"]
     with Client(url, api_key="reader-key-1") as client:
-        follow = client.follow(job)
+        follow = cast("Generator[StreamEvent, None, None]", client.follow(job))
         assert next(follow).seq == 1
         follow.close()
 

@@ -89,7 +89,7 @@ def test_poison_job_fails_after_its_attempts_and_the_queue_moves_on(
 
         def poison_failed() -> bool:
             row = query(db_url, "SELECT state FROM tierline.jobs WHERE id = %s", (poison,))
-            return row[0]["state"] == "failed"
+            return bool(row[0]["state"] == "failed")
 
         wait_for(poison_failed, 120, "the poison job to fail")
         wait_for(
@@ -111,9 +111,9 @@ def test_poison_job_fails_after_its_attempts_and_the_queue_moves_on(
             (others,),
         )
         assert len(runs) == OTHERS
-        duplicates = [r for r in runs if len(r["pids"]) > 1]
-        for r in duplicates:  # a rerun happens only after the poison took the worker down
-            assert set(r["pids"][:-1]) <= crashed, r
+        duplicates = [run for run in runs if len(run["pids"]) > 1]
+        for run in duplicates:  # a rerun happens only after the poison took the worker down
+            assert set(run["pids"][:-1]) <= crashed, run
 
         # The supervisor replaced the crashed workers: two are running at the end.
         def live_workers() -> int:

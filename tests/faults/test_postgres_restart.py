@@ -78,7 +78,7 @@ def test_postgres_restart_under_load(own_pg: PostgresServer, tmp_path: Path) -> 
                 own_pg.start()
                 wait_for(lambda: ready(url) and ready(wurl), 60, "both tiers to recover")
                 mark = len(load.tally.accepted)
-                wait_for(lambda m=mark: len(load.tally.accepted) > m + 20, 60, "new accepts")
+                wait_for(lambda: len(load.tally.accepted) > mark + 20, 60, "new accepts")  # noqa: B023
         summary = load.tally.summary()
 
         # Both tiers recovered by themselves: same processes, never restarted.

@@ -26,17 +26,20 @@ QUICK = {
 }
 
 
-def tierline_env(db_url: str, *, quick: bool = True, **settings: Any) -> dict[str, str]:
-    """The environment of a started process: this one's without any ``TIERLINE_*``
-    variable, then the database URL (as the session's route reaches it), no start-up
-    jitter, JSON logs, the ``QUICK`` timings unless ``quick=False``, and ``settings``."""
+def plain_env(db_url: str, **settings: Any) -> dict[str, str]:
+    """The environment of a started process with the product's own timings: this one's
+    without any ``TIERLINE_*`` variable, then the database URL (as the session's route
+    reaches it), no start-up jitter, JSON logs, and ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIERLINE_")}
     env.update(database_env(db_url))
     env.update({"TIERLINE_STARTUP_JITTER_S": "0", "TIERLINE_LOG_FORMAT": "json"})
-    if quick:
-        env.update(QUICK)
     env.update({k: str(v) for k, v in settings.items()})
     return env
+
+
+def tierline_env(db_url: str, **settings: Any) -> dict[str, str]:
+    """``plain_env`` with the ``QUICK`` timings (``settings`` override them)."""
+    return plain_env(db_url, **{**QUICK, **settings})
 
 
 class Proc:
