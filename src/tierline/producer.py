@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from weakref import WeakKeyDictionary
 
-from tierline.queue import Queue, Registry
+from tierline.enqueue import Registry
+from tierline.queue import Queue
 
 T = TypeVar("T")
 

@@ -1,0 +1,264 @@
+"""Enqueueing, written once: the steps of an enqueue (validate, insert, settle an
+idempotency-key race, count) as a generator of SQL statements, and three small drivers
+that run them: on a pool (a tier's, or a producer's own), on the caller's
+``psycopg.AsyncConnection``, or on the caller's ``psycopg.Connection``.
+
+On the caller's connection the insert joins the caller's transaction: the job is
+invisible to workers until the caller commits, does not exist if it rolls back, and its
+wake-up NOTIFY is delivered at commit (PostgreSQL holds notifications until then).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, LiteralString, Protocol, TypeVar
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from tierline import metrics
+from tierline.database import Conn
+from tierline.errors import InvalidTransition
+from tierline.jobs import Job, JobRequest, State
+from tierline.queries import QUERIES
+
+T = TypeVar("T")
+Rows = list[dict[str, Any]]
+AnyConnection = psycopg.AsyncConnection[Any] | psycopg.Connection[Any]
+
+
+class Registry(Protocol):
+    """What an enqueue needs of the application: the row to insert for a request (the
+    handler's defaults filled in, the arguments validated). ``tierline.App`` is one."""
+
+    def prepare(self, request: JobRequest, *, max_args_bytes: int = ...) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One statement of the steps. ``repeatable``: safe to run again on a fresh
+    connection when its connection broke under it. ``check``: run in a transaction (a
+    savepoint inside the caller's) that is rolled back, answering None, when the rows
+    fail the check."""
+
+    query: LiteralString
+    params: dict[str, Any]
+    repeatable: bool = False
+    check: Callable[[Rows], bool] | None = None
+
+
+Steps = Generator[Statement, "Rows | None", T]
+KEY_RACE = "idempotency key conflict did not settle; try again"
+
+
+# -- the steps ------------------------------------------------------------------------------
+def one(registry: Registry, request: JobRequest, max_args_bytes: int) -> Steps[tuple[Job, bool]]:
+    """Insert one job; ``(job, created)``; created is False for a repeated key."""
+    row = registry.prepare(request, max_args_bytes=max_args_bytes)
+    params = {**row, "args": Jsonb(row["args"])}
+    for _ in range(3):
+        # With a key, running the insert again is safe even if the first one committed.
+        rows = yield Statement(
+            QUERIES["enqueue"], params, repeatable=row["idempotency_key"] is not None
+        )
+        found = rows[0] if rows else None
+        if found:  # empty only when the same key was committed concurrently
+            if found["created"]:
+                metrics.JOBS_ENQUEUED.labels(found["queue"]).inc()
+            return Job.from_row(found), bool(found["created"])
+    raise InvalidTransition(KEY_RACE)
+
+
+def many(
+    registry: Registry, requests: Sequence[JobRequest], max_args_bytes: int, *, jobs: bool
+) -> Steps[list[tuple[Any, bool]]]:
+    """Insert many jobs in one statement and one transaction; ``(job, created)`` in
+    input order, or ``(id, created)`` when ``jobs`` is False (the fast path)."""
+    rows = [registry.prepare(r, max_args_bytes=max_args_bytes) for r in requests]
+    if not rows:
+        return []
+    unique, position = _dedupe(rows)
+    params = {"batch": Jsonb([_json_row(r) for r in unique])}
+    for _ in range(3):
+        # A key committed by someone else meanwhile leaves a row without an id: undo, again.
+        found = yield Statement(
+            QUERIES["enqueue_batch"],
+            params,
+            check=lambda got: len(got) == len(unique) and all(r["id"] is not None for r in got),
+        )
+        if found is not None:
+            break
+    else:  # pragma: no cover - three concurrent collisions in a row
+        raise InvalidTransition(KEY_RACE)
+    _count(unique, found)
+    if not jobs:
+        return _expand([(r["id"], bool(r["created"])) for r in found], position)
+    existing = [r["id"] for r in found if not r["created"]]
+    known: dict[int, Job] = {}
+    if existing:
+        got = yield Statement(QUERIES["get_jobs"], {"ids": existing}, repeatable=True)
+        known = {r["id"]: Job.from_row(r) for r in got or []}
+    made = [
+        (_new_job(row, r) if r["created"] else known[r["id"]], bool(r["created"]))
+        for row, r in zip(unique, found, strict=True)
+    ]
+    return _expand(made, position)
+
+
+# -- the drivers ----------------------------------------------------------------------------
+async def on_pool(pool: AsyncConnectionPool[Conn], steps: Steps[T]) -> T:
+    """Each statement on a pooled connection of its own (its own transaction)."""
+    rows: Rows | None = None
+    while True:
+        try:
+            statement = steps.send(rows)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        rows = await _pooled(pool, statement)
+
+
+async def on_connection(conn: psycopg.AsyncConnection[Any], steps: Steps[T]) -> T:
+    """Every statement on the caller's connection, inside its transaction if it has one."""
+    rows: Rows | None = None
+    while True:
+        try:
+            statement = steps.send(rows)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        cur = conn.cursor(row_factory=dict_row)
+        if statement.check is None:
+            await cur.execute(statement.query, statement.params)
+            rows = await cur.fetchall()
+            continue
+        try:
+            async with conn.transaction():  # a savepoint inside the caller's transaction
+                await cur.execute(statement.query, statement.params)
+                rows = _checked(statement, await cur.fetchall())
+        except _Undo:
+            rows = None
+
+
+def on_sync_connection(conn: psycopg.Connection[Any], steps: Steps[T]) -> T:
+    """``on_connection`` for a synchronous caller's connection."""
+    rows: Rows | None = None
+    while True:
+        try:
+            statement = steps.send(rows)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        cur = conn.cursor(row_factory=dict_row)
+        if statement.check is None:
+            cur.execute(statement.query, statement.params)
+            rows = cur.fetchall()
+            continue
+        try:
+            with conn.transaction():
+                cur.execute(statement.query, statement.params)
+                rows = _checked(statement, cur.fetchall())
+        except _Undo:
+            rows = None
+
+
+async def _pooled(pool: AsyncConnectionPool[Conn], statement: Statement) -> Rows | None:
+    """Run one statement on a pooled (autocommit) connection, in a transaction only when
+    it has a check; when its connection dies under it (terminated, server restarted:
+    ``conn.broken``), run it once more on a fresh connection if it is ``repeatable``."""
+    tries = 2 if statement.repeatable else 1
+    for attempt in range(1, tries + 1):
+        used: Conn | None = None
+        try:
+            async with pool.connection() as conn:
+                used = conn
+                if statement.check is None:
+                    cur = await conn.execute(statement.query, statement.params)
+                    return await cur.fetchall()
+                async with conn.transaction():
+                    cur = await conn.execute(statement.query, statement.params)
+                    return _checked(statement, await cur.fetchall())
+        except _Undo:
+            return None
+        except psycopg.OperationalError:
+            if attempt == tries or used is None or not used.broken:
+                raise  # a pool timeout, a query error, or no tries left
+    raise AssertionError("unreachable")
+
+
+def _checked(statement: Statement, rows: Rows) -> Rows:
+    if statement.check is not None and not statement.check(rows):
+        raise _Undo
+    return rows
+
+
+class _Undo(Exception):
+    """Roll the statement's transaction (or savepoint) back."""
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _dedupe(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+    """A key repeated inside the batch is one job: later copies map to the first."""
+    first_of: dict[str, int] = {}
+    unique: list[dict[str, Any]] = []
+    position: list[int] = []
+    for row in rows:
+        key = row["idempotency_key"]
+        if key is not None and key in first_of:
+            position.append(first_of[key])
+            continue
+        if key is not None:
+            first_of[key] = len(unique)
+        position.append(len(unique))
+        unique.append(row)
+    return unique, position
+
+
+def _count(unique: list[dict[str, Any]], found: Rows) -> None:
+    created_per_queue: dict[str, int] = {}
+    for row, r in zip(unique, found, strict=True):
+        if r["created"]:
+            created_per_queue[row["queue"]] = created_per_queue.get(row["queue"], 0) + 1
+    for queue, n in created_per_queue.items():
+        metrics.JOBS_ENQUEUED.labels(queue).inc(n)
+
+
+def _expand(items: list[tuple[Any, bool]], position: list[int]) -> list[tuple[Any, bool]]:
+    """Map de-duplicated results back to the caller's rows (a repeat is not 'created')."""
+    seen: set[int] = set()
+    out = []
+    for pos in position:
+        item, created = items[pos]
+        out.append((item, created and pos not in seen))
+        seen.add(pos)
+    return out
+
+
+def _new_job(row: dict[str, Any], r: dict[str, Any]) -> Job:
+    """The Job a fresh insert made, from its input and what the database added."""
+    return Job.model_construct(
+        id=r["id"],
+        kind=row["kind"],
+        queue=row["queue"],
+        state=State(r["state"]),
+        args=row["args"],
+        priority=row["priority"],
+        attempt=0,
+        max_attempts=row["max_attempts"],
+        timeout_s=row["timeout_s"],
+        idempotency_key=row["idempotency_key"],
+        run_at=r["run_at"],
+        created_at=r["created_at"],
+        updated_at=r["created_at"],
+        started_at=None,
+        finished_at=None,
+        result=None,
+        error=None,
+        progress=None,
+        cancel_requested=False,
+    )
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    run_at = row["run_at"]
+    return {**row, "run_at": run_at.isoformat() if run_at is not None else None}
