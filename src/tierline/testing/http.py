@@ -4,17 +4,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import httpx
 
 from tierline.testing.waiting import wait_for
 
-if TYPE_CHECKING:
-    from tierline.testing.processes import Proc
+
+class Process(Protocol):
+    """What ``wait_ready`` needs of a started process (``processes.Proc`` is one)."""
+
+    name: str
+
+    def alive(self) -> bool: ...
+
+    def tail(self, n: int = 3000) -> str: ...
 
 
-def wait_ready(url: str, proc: Proc, timeout: float = 30) -> None:
+def wait_ready(url: str, proc: Process, timeout: float = 30) -> None:
     """Wait until ``url``/readyz answers 200; fail with the process's log when it exits
     or is not ready within ``timeout`` seconds."""
 

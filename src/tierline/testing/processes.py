@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tierline.testing.http import wait_ready
 from tierline.testing.ports import free_port
 from tierline.testing.routing import database_env, tier_url
 
@@ -176,8 +177,7 @@ class Cluster:
         return proc, f"http://127.0.0.1:{port}"
 
     def wait_ready(self, url: str, proc: Proc, timeout: float = 30) -> None:
-        from tierline.testing.http import wait_ready
-
+        """Wait until ``url``/readyz answers 200 (``http.wait_ready``)."""
         wait_ready(url, proc, timeout)
 
     def close(self) -> None:
