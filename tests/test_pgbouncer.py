@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.jobs_app import TEST_APP
-from tierline.testing.databases import query
+from tierline.testing.databases import dbname, query
 from tierline.testing.http import enqueue, job
 from tierline.testing.pgbouncer import PGBOUNCER, PgBouncer
 from tierline.testing.processes import Cluster, tierline_env
@@ -135,8 +135,8 @@ def test_the_core_paths_through_pgbouncer(bouncer: PgBouncer, db_url: str, tmp_p
         assert snap["budget"]["claimed"] <= snap["budget"]["total"]
 
         # The pools really went through PgBouncer, LISTEN really went direct.
-        dbname = db_url.rsplit("/", 1)[1]
-        [stats] = [s for s in bouncer.show("STATS") if s["database"] == dbname]
+        name = dbname(db_url)
+        [stats] = [s for s in bouncer.show("STATS") if s["database"] == name]
         assert stats["total_xact_count"] > 50
         clients = {c["application_name"] for c in bouncer.show("CLIENTS")}
         assert {"tierline-web", "tierline-worker"} <= clients
@@ -172,8 +172,8 @@ def test_replicas_share_few_server_connections(
         ids = [enqueue(url, "record", {"token": f"t{i}"}, expect=(200, 202)) for i in range(40)]
         for i in ids:
             final(url, i, "succeeded")
-        dbname = db_url.rsplit("/", 1)[1]
-        [pool] = [p for p in bouncer.show("POOLS") if p["database"] == dbname]
+        name = dbname(db_url)
+        [pool] = [p for p in bouncer.show("POOLS") if p["database"] == name]
         servers = sum(pool[k] for k in ("sv_active", "sv_idle", "sv_used", "sv_tested"))
         assert servers <= bouncer.pool_size
     finally:

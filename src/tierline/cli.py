@@ -79,10 +79,11 @@ def with_embedded_database(settings: Settings) -> tuple[Settings, str | None]:
 
     try:
         url = embedded.start(settings.data_dir)
+        version = embedded.server_version()
     except TierlineError as exc:
         fail(str(exc))
     click.echo(
-        f"tierline: embedded PostgreSQL at {url} "
+        f"tierline: embedded {version} at {url} "
         f"(data in {os.path.join(settings.data_dir, 'pgdata')})",
         err=True,
     )

@@ -8,22 +8,22 @@ import contextlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.rows import dict_row
 
 from tierline import migrations
+from tierline.testing import conninfo
 
 
 def with_dbname(url: str, name: str) -> str:
     """``url`` pointing at database ``name`` of the same server."""
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+    return conninfo.replace(url, dbname=name)
 
 
 def dbname(url: str) -> str:
     """The database ``url`` points at."""
-    return urlsplit(url).path.lstrip("/")
+    return conninfo.parse(url).get("dbname", "")
 
 
 @contextlib.contextmanager

@@ -1,5 +1,8 @@
 """PgBouncer in transaction mode in front of a PostgreSQL server, started by a test (or a
-whole session: ``TIERLINE_TEST_PGBOUNCER=1``) on a free port in a temporary folder."""
+whole session: ``TIERLINE_TEST_PGBOUNCER=1``) on a free port in a temporary folder.
+
+The server may be reached over TCP or a unix socket (the embedded server's URL names its
+socket folder in ``?host=``); clients reach PgBouncer over TCP on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -8,11 +11,12 @@ import os
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 
+from tierline.testing import conninfo
 from tierline.testing.ports import free_port
 from tierline.testing.postgres import owned_dir, run_as, stop_process
 from tierline.testing.routing import with_host
@@ -25,11 +29,12 @@ class PgBouncer:
     """PgBouncer in transaction mode in front of ``server_url``'s host and port."""
 
     def __init__(self, server_url: str, *, pool_size: int = 20, max_client_conn: int = 2000):
-        parts = urlsplit(server_url)
-        self.server_host = parts.hostname or "127.0.0.1"
-        self.server_port = parts.port or 5432
+        self.server_host, self.server_port = _server(server_url)
+        # As root, PgBouncer runs as the owner of the server's socket folder, the one user
+        # sure to reach the socket (the embedded server's folder is private to its user).
+        self.owner_of = Path(self.server_host) if self.server_host.startswith("/") else None
         self.port = free_port()
-        self.dir = owned_dir("tierline-pgbouncer-")
+        self.dir = owned_dir("tierline-pgbouncer-", self.owner_of)
         self.pool_size = pool_size
         self.max_client_conn = max_client_conn
         self.proc: subprocess.Popen[bytes] | None = None
@@ -37,8 +42,7 @@ class PgBouncer:
 
     def url(self, db_url: str) -> str:
         """``db_url`` through PgBouncer when it points at the server behind it."""
-        parts = urlsplit(db_url)
-        if (parts.hostname, parts.port or 5432) != (self.server_host, self.server_port):
+        if _server(db_url) != (self.server_host, self.server_port):
             return db_url
         return with_host(db_url, "127.0.0.1", self.port)
 
@@ -65,7 +69,7 @@ class PgBouncer:
             "ignore_startup_parameters = extra_float_digits,options\n"
             "server_login_retry = 1\n"
         )
-        who = run_as()
+        who = run_as(self.owner_of)
         if who:
             for path in (users, ini):
                 os.chown(path, who["user"], who["group"])
@@ -112,3 +116,9 @@ class PgBouncer:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+def _server(url: str) -> tuple[str, int]:
+    """(host, port) of ``url``'s server; 127.0.0.1 when the URL names no host."""
+    host, port = conninfo.server(url)
+    return host or "127.0.0.1", port

@@ -2,8 +2,8 @@
 password to get wrong, and stops, restarts and crashes that touch nobody else's server.
 
 It runs as a real process on a free port in a temporary folder. PostgreSQL refuses to
-run as root, so as root it runs as an unprivileged user (``postgres``, ``pgserver`` or
-``nobody``, whichever exists); PgBouncer (``pgbouncer``) does the same.
+run as root, so as root it runs as an unprivileged user (``postgres``, ``embedded_postgres``,
+``pgserver`` or ``nobody``, whichever exists); PgBouncer (``pgbouncer``) does the same.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from typing import Any
 
 import psycopg
 
+from tierline.embedded import BUNDLED_MODULE
 from tierline.testing.ports import free_port
 
 
 def postgres_bindir() -> Path:
-    """The binaries bundled with pgserver (a dependency: the same version everywhere),
-    else the newest of the system's."""
-    spec = importlib.util.find_spec("pgserver")
+    """The binaries of the embedded server's package (``tierline[embedded]``, a dev
+    dependency: the same version everywhere), else the newest of the system's."""
+    spec = importlib.util.find_spec(BUNDLED_MODULE)
     if spec is not None and spec.submodule_search_locations:
         found = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
         if (found / "postgres").exists():
@@ -35,14 +36,20 @@ def postgres_bindir() -> Path:
     for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
         if (candidate / "postgres").exists():
             return candidate
-    raise RuntimeError("no PostgreSQL binaries: install pgserver or postgresql")
+    raise RuntimeError("no PostgreSQL binaries: install 'tierline[embedded]' or postgresql")
 
 
-def run_as() -> dict[str, Any]:
-    """Popen arguments that drop root to an unprivileged user (nothing when not root)."""
+def run_as(owner_of: Path | None = None) -> dict[str, Any]:
+    """Popen arguments that drop root to an unprivileged user (nothing when not root):
+    the owner of ``owner_of`` when given (e.g. a server's socket folder, so the process
+    can reach it), else the first of the usual users that exists."""
     if os.geteuid() != 0:
         return {}
-    for name in ("postgres", "pgserver", "nobody"):
+    if owner_of is not None:
+        st = owner_of.stat()
+        if st.st_uid != 0:
+            return {"user": st.st_uid, "group": st.st_gid, "extra_groups": []}
+    for name in ("postgres", "embedded_postgres", "pgserver", "nobody"):
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
@@ -51,16 +58,18 @@ def run_as() -> dict[str, Any]:
     raise RuntimeError("running as root without an unprivileged user for PostgreSQL")
 
 
-def owned_dir(prefix: str) -> Path:
-    """A folder the server's user owns (pytest's tmp_path is root-only when run as root)."""
+def owned_dir(prefix: str, owner_of: Path | None = None) -> Path:
+    """A folder the server's user owns (pytest's tmp_path is root-only when run as root);
+    ``owner_of``: as in ``run_as``."""
     folder = Path(tempfile.mkdtemp(prefix=prefix))
-    give_away(folder)
+    give_away(folder, owner_of)
     return folder
 
 
-def give_away(path: Path) -> None:
-    """Make ``path`` the server user's (when running as root)."""
-    who = run_as()
+def give_away(path: Path, owner_of: Path | None = None) -> None:
+    """Make ``path`` the server user's (when running as root); ``owner_of``: as in
+    ``run_as``."""
+    who = run_as(owner_of)
     if who:
         os.chown(path, who["user"], who["group"])
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import urlsplit, urlunsplit
+
+from tierline.testing import conninfo
 
 # The password of the roles a roles-mode session creates (``use_roles``).
 ROLE_PASSWORD = "tierline-test-role"
@@ -70,22 +71,15 @@ def tier_url(db_url: str, tier: str) -> str:
 
 def as_role(db_url: str, role: str, password: str = ROLE_PASSWORD) -> str:
     """``db_url`` with another user and password."""
-    parts = urlsplit(db_url)
-    host = parts.hostname or "127.0.0.1"
-    netloc = f"{role}:{password}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return conninfo.replace(db_url, user=role, password=password)
 
 
 def with_host(url: str, host: str, port: int) -> str:
     """``url`` pointing at ``host:port``, user and password kept."""
-    parts = urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    return urlunsplit(
-        parts._replace(netloc=f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}")
-    )
+    return conninfo.replace(url, host=host, port=str(port))
 
 
 def server_of(url: str) -> str:
-    """``host:port`` of the server ``url`` points at."""
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port or 5432}"
+    """``host:port`` of the server ``url`` points at (the host may be a socket folder)."""
+    host, port = conninfo.server(url)
+    return f"{host}:{port}"
