@@ -27,14 +27,25 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The tierline modules ``name`` imports, wherever the import statement stands: inside
-    a function (it runs too) or under ``if TYPE_CHECKING:`` (a cycle of types is a cycle
-    of concepts, even when it cannot fail at run time)."""
+    """The tierline modules ``name`` needs to run: imports inside functions count (they
+    run too, and a lazy import is the usual way to hide a cycle); annotation-only imports
+    under ``if TYPE_CHECKING:`` do not."""
     found: set[str] = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
 
     def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -5,17 +5,27 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeVar, overload
 
+import psycopg
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from tierline import enqueue as enqueueing
+from tierline.enqueue import AnyConnection
 from tierline.errors import InvalidJob, UnknownKind
+from tierline.handles import ContextJobHandle, JobHandle
+from tierline.handles import Options as HandleOptions
 from tierline.jobs import Job, JobRequest, json_size
 from tierline.producer import Producer
 from tierline.queue import MAX_ARGS_BYTES, Queue
 from tierline.settings import Settings
 
-F = TypeVar("F", bound=Callable[..., Any])
+if TYPE_CHECKING:
+    from tierline.context import JobContext
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,8 +67,9 @@ class App:
         self.name = name
         self.handlers: dict[str, Handler] = {}
         self.database_url = database_url
+        self._settings: Settings | None = None
         # The tier's queue once a tier runs this process, else a small pool of its own.
-        self.producer = Producer(self, self._private_pool)
+        self.producer = Producer(self, self.settings)
 
     # -- registration ---------------------------------------------------------------------
     def job(
@@ -70,40 +81,49 @@ class App:
         max_attempts: int = 5,
         timeout: float | None = None,
         uses_db: bool = False,
-    ) -> Callable[[F], F]:
-        """Register a handler. ``kind`` defaults to the function's name.
+    ) -> Register:
+        """Register a handler; returns its typed handle (``handles.py``). ``kind``
+        defaults to the function's name.
 
         ``uses_db``: the handler borrows pool connections (``ctx.connection()``), so the
         worker's pool must have one per concurrent job.
         """
+        options = JobOptions(kind, queue, priority, max_attempts, timeout, uses_db)
+        return Register(self, options)
 
-        def register(func: F) -> F:
-            name = kind or func.__name__
-            JobRequest(
-                kind=name,
-                queue=queue,
-                priority=priority,
-                max_attempts=max_attempts,
-                timeout_s=timeout,
-            )  # same rules as enqueue
-            if name in self.handlers:
-                raise ValueError(f"job kind {name!r} is registered twice")
-            model, wants_context = _signature_model(name, func)
-            self.handlers[name] = Handler(
-                kind=name,
-                func=func,
-                queue=queue,
-                priority=priority,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                uses_db=uses_db,
-                is_async=inspect.iscoroutinefunction(func),
-                wants_context=wants_context,
-                model=model,
-            )
-            return func
+    def add(self, options: JobOptions, func: Callable[..., Any]) -> Handler:
+        """Register ``func`` under ``options`` (what ``@app.job`` does)."""
+        name = options.kind or func.__name__
+        JobRequest(
+            kind=name,
+            queue=options.queue,
+            priority=options.priority,
+            max_attempts=options.max_attempts,
+            timeout_s=options.timeout,
+        )  # same rules as enqueue
+        if name in self.handlers:
+            raise ValueError(f"job kind {name!r} is registered twice")
+        model, wants_context = _signature_model(name, func)
+        handler = self.handlers[name] = Handler(
+            kind=name,
+            func=func,
+            queue=options.queue,
+            priority=options.priority,
+            max_attempts=options.max_attempts,
+            timeout=options.timeout,
+            uses_db=options.uses_db,
+            is_async=inspect.iscoroutinefunction(func),
+            wants_context=wants_context,
+            model=model,
+        )
+        return handler
 
-        return register
+    def include(self, other: App) -> None:
+        """Serve ``other``'s job kinds too (e.g. a library's jobs in an application)."""
+        for handler in other.handlers.values():
+            if handler.kind in self.handlers:
+                raise ValueError(f"job kind {handler.kind!r} is registered twice")
+            self.handlers[handler.kind] = handler
 
     def kinds(self) -> list[str]:
         return sorted(self.handlers)
@@ -143,32 +163,112 @@ class App:
         }
 
     # -- enqueue --------------------------------------------------------------------------
-    async def enqueue(self, kind: str, args: dict[str, Any] | None = None, **options: Any) -> Job:
-        """Enqueue one job; returns it (the existing one for a repeated idempotency key)."""
-        queue = await self.producer.queue()
-        job, _created = await queue.enqueue(JobRequest(kind=kind, args=args or {}, **options))
+    async def enqueue(
+        self,
+        kind: str,
+        args: dict[str, Any] | None = None,
+        *,
+        connection: AnyConnection | None = None,
+        **options: Any,
+    ) -> Job:
+        """Enqueue one job; returns it (the existing one for a repeated idempotency key).
+        ``connection``: the caller's ``psycopg.AsyncConnection``, whose transaction the
+        job joins (invisible to workers until it commits, gone if it rolls back)."""
+        request = JobRequest(kind=kind, args=args or {}, **options)
+        if connection is None:
+            queue = await self.producer.queue()
+            job, _created = await queue.enqueue(request)
+            return job
+        steps = enqueueing.one(self, request, self.producer.max_args_bytes())
+        job, _created = await enqueueing.on_connection(_async(connection), steps)
         return job
 
-    async def enqueue_many(self, requests: Sequence[JobRequest]) -> list[int]:
+    async def enqueue_many(
+        self, requests: Sequence[JobRequest], *, connection: AnyConnection | None = None
+    ) -> list[int]:
         """Enqueue many jobs in one round trip and one transaction; returns their ids (a
         repeated idempotency key gives the existing job's id)."""
-        queue = await self.producer.queue()
-        return [job_id for job_id, _ in await queue.enqueue_batch_ids(requests)]
+        steps = enqueueing.many(self, requests, self.producer.max_args_bytes(), jobs=False)
+        return [job_id for job_id, _ in await self._run(steps, connection)]
 
-    def enqueue_sync(self, kind: str, args: dict[str, Any] | None = None, **options: Any) -> Job:
+    async def enqueue_jobs(
+        self, requests: Sequence[JobRequest], *, connection: AnyConnection | None = None
+    ) -> list[Job]:
+        """``enqueue_many``, answering the jobs."""
+        steps = enqueueing.many(self, requests, self.producer.max_args_bytes(), jobs=True)
+        return [job for job, _ in await self._run(steps, connection)]
+
+    def enqueue_sync(
+        self,
+        kind: str,
+        args: dict[str, Any] | None = None,
+        *,
+        connection: AnyConnection | None = None,
+        **options: Any,
+    ) -> Job:
         """``enqueue`` for synchronous code (scripts, sync web frameworks, plain-function
-        handlers): the same implementation, run to completion."""
-        return self.producer.call(lambda: self.enqueue(kind, args, **options))
+        handlers): the same implementation, run to completion. ``connection``: the
+        caller's ``psycopg.Connection``, whose transaction the job joins."""
+        if connection is None:
+            return self.producer.call(lambda: self.enqueue(kind, args, **options))
+        if not isinstance(connection, psycopg.Connection):
+            raise TypeError("enqueue_sync takes a psycopg.Connection; await enqueue() instead")
+        request = JobRequest(kind=kind, args=args or {}, **options)
+        steps = enqueueing.one(self, request, self.producer.max_args_bytes())
+        job, _created = enqueueing.on_sync_connection(connection, steps)
+        return job
 
     def bind(self, queue: Queue) -> None:
         """Make ``enqueue`` use a running tier's queue (and pool); on the tier's loop."""
         self.producer.bind(queue)
 
-    async def _private_pool(self) -> tuple[str, int]:
+    async def _run(self, steps: enqueueing.Steps[T], connection: AnyConnection | None) -> T:
+        if connection is None:
+            return await enqueueing.on_pool((await self.producer.queue()).pool, steps)
+        return await enqueueing.on_connection(_async(connection), steps)
+
+    def settings(self) -> Settings:
         """Where a process that runs no tier enqueues: ``database_url``, else the
-        ``TIERLINE_*`` settings (a script has no CLI to read them for it)."""
-        settings = Settings.from_env(database_url=self.database_url)
-        return settings.dsn(), settings.max_args_bytes
+        ``TIERLINE_*`` settings (a script has no CLI to read them for it). Read once."""
+        if self._settings is None:
+            self._settings = Settings.from_env(database_url=self.database_url)
+        return self._settings
+
+
+class JobOptions(NamedTuple):
+    """What ``@app.job(...)`` was given."""
+
+    kind: str | None
+    queue: str
+    priority: int
+    max_attempts: int
+    timeout: float | None
+    uses_db: bool
+
+
+class Register:
+    """``@app.job(...)``: registers the function and returns its typed handle."""
+
+    def __init__(self, app: App, options: JobOptions) -> None:
+        self.app = app
+        self.options = options
+
+    @overload
+    def __call__(self, func: Callable[Concatenate[JobContext, P], R]) -> ContextJobHandle[P, R]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, R]) -> JobHandle[P, R]: ...
+
+    def __call__(self, func: Callable[..., Any]) -> Any:
+        handler = self.app.add(self.options, func)
+        handle = ContextJobHandle if handler.wants_context else JobHandle
+        return handle(self.app, handler.kind, func, HandleOptions())
+
+
+def _async(connection: AnyConnection) -> psycopg.AsyncConnection[Any]:
+    if not isinstance(connection, psycopg.AsyncConnection):
+        raise TypeError("enqueue takes a psycopg.AsyncConnection; use enqueue_sync instead")
+    return connection
 
 
 def _signature_model(kind: str, func: Callable[..., Any]) -> tuple[type[BaseModel], bool]:

@@ -20,6 +20,7 @@ from weakref import WeakKeyDictionary
 
 from tierline.enqueue import Registry
 from tierline.queue import Queue
+from tierline.settings import Settings
 
 T = TypeVar("T")
 
@@ -27,13 +28,10 @@ T = TypeVar("T")
 class Producer:
     """The queues one application enqueues through, per event loop."""
 
-    def __init__(
-        self, registry: Registry, connect: Callable[[], Awaitable[tuple[str, int]]]
-    ) -> None:
-        """``connect`` gives the ``(dsn, max_args_bytes)`` of a private pool, when one is
-        first needed."""
+    def __init__(self, registry: Registry, settings: Callable[[], Settings]) -> None:
+        """``settings``: where a private pool connects, read when first needed."""
         self.registry = registry
-        self._connect = connect
+        self._settings = settings
         self._bound: tuple[Queue, asyncio.AbstractEventLoop] | None = None
         self._own: WeakKeyDictionary[asyncio.AbstractEventLoop, Queue] = WeakKeyDictionary()
         self._lock = threading.Lock()
@@ -51,12 +49,20 @@ class Producer:
             return self._bound[0]
         found = self._own.get(loop)
         if found is None:
-            dsn, max_args_bytes = await self._connect()
-            made = await Queue.standalone(self.registry, dsn, max_args_bytes=max_args_bytes)
+            settings = self._settings()
+            made = await Queue.standalone(
+                self.registry, settings.dsn(), max_args_bytes=settings.max_args_bytes
+            )
             found = self._own.setdefault(loop, made)
             if found is not made:  # another task of this loop made one meanwhile
                 await made.pool.close()
         return found
+
+    def max_args_bytes(self) -> int:
+        """The arguments limit of this process (the tier's, else the settings')."""
+        if self._bound is not None:
+            return self._bound[0].max_args_bytes
+        return self._settings().max_args_bytes
 
     def call(self, make: Callable[[], Awaitable[T]]) -> T:
         """Run ``make()`` to completion for a synchronous caller."""
