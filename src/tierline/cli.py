@@ -152,6 +152,7 @@ def main() -> None:
 @env_option("--app", field="app", help="Application as module:attribute.")
 @env_option("--host", field="web_host", help="Address to listen on.")
 @env_option("--port", field="web_port", help="Port to listen on.")
+@env_option("--web-app", field="web_app", help="The application's ASGI app (module:attribute).")
 @click.option(
     "--reuse-port", is_flag=True, help="Share the port with other replicas (SO_REUSEPORT)."
 )
@@ -163,11 +164,20 @@ def main() -> None:
     help="Serve on this inherited listening socket (how `tierline up` starts web replicas).",
 )
 def web(
-    app: str | None, web_host: str | None, web_port: str | None, reuse_port: bool, fd: int | None
+    app: str | None,
+    web_host: str | None,
+    web_port: str | None,
+    web_app: str | None,
+    reuse_port: bool,
+    fd: int | None,
 ) -> None:
-    """Run one web-tier replica (HTTP API, SSE, metrics, dashboard)."""
-    settings = with_database(load_settings(app=app, web_host=web_host, web_port=web_port))
+    """Run one web-tier replica (HTTP API, SSE, metrics, dashboard; the application's
+    own routes with TIERLINE_WEB_APP)."""
+    settings = with_database(
+        load_settings(app=app, web_host=web_host, web_port=web_port, web_app=web_app)
+    )
     setup_logging(settings, tier="web", pid=os.getpid())
+    from tierline.web.host import load_asgi_app
     from tierline.web_tier import WebTier
 
     application = _app_or_fail(settings)
@@ -177,10 +187,12 @@ def web(
             sock = socket.socket(fileno=fd)
         except OSError as exc:
             fail(f"--fd {fd}: not a socket this process inherited ({exc.strerror or exc})")
-    # Built inside the event loop: the replica's primitives belong to it.
-    sys.exit(
-        run_async(lambda: WebTier(application, settings, sock=sock, reuse_port=reuse_port).run())
-    )
+    try:
+        hosted = load_asgi_app(settings.web_app) if settings.web_app else None
+        tier = WebTier(application, settings, sock=sock, reuse_port=reuse_port, web_app=hosted)
+    except TierlineError as exc:
+        fail(str(exc))
+    sys.exit(run_async(tier.run))
 
 
 @main.command()

@@ -110,6 +110,18 @@ class Settings(BaseSettings):
     # -- web tier -------------------------------------------------------------------------
     web_host: str = Field("127.0.0.1", description="Address the web tier listens on.")
     web_port: int = Field(8000, ge=0, le=65535, description="Port of the web tier.")
+    web_app: str | None = Field(
+        None,
+        description="The application's own ASGI app (module:attribute: FastAPI, Starlette, "
+        "Django's `get_asgi_application()`...), served by the web tier beside Tierline's "
+        "API, which then moves under `TIERLINE_WEB_API_PREFIX`. Unset: Tierline's API only.",
+    )
+    web_api_prefix: str = Field(
+        "/tierline",
+        pattern=r"^(/[A-Za-z0-9._~-]+)+$",
+        description="Where Tierline's API and dashboard live when `TIERLINE_WEB_APP` is set "
+        "(`/healthz`, `/readyz` and `/metrics` stay at the root).",
+    )
     api_keys: SecretStr | None = Field(
         None,
         description="Comma-separated API keys, each `KEY` (all scopes) or "
@@ -277,9 +289,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"queue names are letters, digits, '-', '_', '.': {q!r}")
         return ",".join(queues)
 
-    @field_validator("app")
+    @field_validator("app", "web_app")
     @classmethod
-    def _app(cls, value: str) -> str:
+    def _app(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if value.count(":") != 1 or not all(value.split(":")):
             raise ValueError("expected module:attribute, e.g. myapp.jobs:app")
         return value

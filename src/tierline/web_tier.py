@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from tierline.app import App
 from tierline.lifecycle import QuietServer, listen_socket
@@ -19,6 +20,7 @@ from tierline.streaming import EventHub
 from tierline.tier import Tier
 from tierline.web.app import create_app
 from tierline.web.auth import KeyRing
+from tierline.web.host import Host
 from tierline.web.runtime import Runtime
 
 log = get_logger(__name__)
@@ -29,7 +31,8 @@ REQUEST_GRACE_S = 15
 
 class WebTier(Tier):
     """A web replica. ``sock``: a listening socket inherited from ``tierline up``;
-    ``reuse_port``: share the port with other replicas (SO_REUSEPORT)."""
+    ``reuse_port``: share the port with other replicas (SO_REUSEPORT); ``web_app``: the
+    application's own ASGI app, served beside Tierline's API (``web/host.py``)."""
 
     def __init__(
         self,
@@ -38,6 +41,7 @@ class WebTier(Tier):
         *,
         sock: socket.socket | None = None,
         reuse_port: bool = False,
+        web_app: ASGIApp | None = None,
     ) -> None:
         super().__init__(app, settings, Replica(settings, "web", stats=self.web_stats))
         self.sock = sock
@@ -52,9 +56,13 @@ class WebTier(Tier):
             hub=self.hub,
             refresh_metrics=self.refresh_database_metrics,
         )
+        api = create_app(self.rt)
+        self.host = (
+            Host(api, web_app, settings.web_api_prefix, self.rt) if web_app is not None else None
+        )
         self.server = QuietServer(
             uvicorn.Config(
-                create_app(self.rt),
+                self.host or api,
                 log_level="warning",
                 access_log=False,
                 lifespan="off",
@@ -102,8 +110,12 @@ class WebTier(Tier):
                 self.hub.caught_up,
                 (self.hub.run(), "event-hub"),
             )
+            if self.host is not None:
+                await self.host.start()
             await self.stop.wait()
         await self.drain(server_task)
+        if self.host is not None:
+            await self.host.stop()
         return True
 
     async def drain(self, server_task: asyncio.Task[None]) -> None:

@@ -66,11 +66,18 @@ async def cluster(rt: Runtime = scoped("read")) -> dict[str, Any]:
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-async def dashboard() -> Response:
+async def dashboard(request: Request) -> Response:
     """The live dashboard. The page is static and holds no data, so it needs no key (a
     browser cannot send one when it navigates); its data comes from the /v1 routes, which
     do, and the page asks for a key when they answer 401."""
     page = resources.files("tierline.web").joinpath("static/index.html").read_text("utf-8")
+    # Under TIERLINE_WEB_API_PREFIX (an application hosted beside it) every link and
+    # call of the page is relative to that prefix; the page reads it from the meta tag.
+    base = request.scope.get("root_path", "")
+    page = page.replace('href="/static/', f'href="{base}/static/')
+    page = page.replace('src="/static/', f'src="{base}/static/')
+    page = page.replace('href="/docs"', f'href="{base}/docs"')
+    page = page.replace('content="tierline-base"', f'content="{base}"')
     return HTMLResponse(page, headers=DASHBOARD_HEADERS)
 
 

@@ -91,8 +91,12 @@
     }
   }
 
+  // Where the API lives: "" at the root, or TIERLINE_WEB_API_PREFIX when the web tier
+  // also serves an application (the server writes it into the page).
+  const BASE = (document.querySelector('meta[name="tierline-base"]') || {}).content || "";
+
   async function api(path) {
-    const res = await fetch(path, {
+    const res = await fetch(BASE + path, {
       headers: auth.headers({ Accept: "application/json" }),
       cache: "no-store",
     });
@@ -276,7 +280,7 @@
         try {
           const headers = auth.headers({ Accept: "text/event-stream" });
           if (this.lastId) headers["Last-Event-ID"] = this.lastId;
-          const res = await fetch("/v1/events", {
+          const res = await fetch(BASE + "/v1/events", {
             headers,
             cache: "no-store",
             signal: controller.signal,
