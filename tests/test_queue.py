@@ -209,7 +209,7 @@ async def test_claim_walks_the_index_even_with_statistics_from_before_the_backlo
     explained = await plan_with_stale_statistics(
         pool,
         QUERIES["claim"],
-        {"queues": ["default"], "limit": 4, "owner": OWNER, "lease_s": 30},
+        {"queues": ["default"], "limit": 4, "owner": OWNER, "lease_s": 30, "skip": []},
         before=QUERIES["claim_plan"],
     )
     plan = json.dumps(explained)

@@ -308,7 +308,7 @@ async def test_web_role_cannot_claim_run_finish_or_delete(
     await grant(db_url, role_names)
     waiting = insert_job(db_url)
     async with role_pool(db_url, role_names["web"]) as pool:
-        claim = {"queues": ["default"], "limit": 10, "owner": OWNER, "lease_s": 30}
+        claim = {"queues": ["default"], "limit": 10, "owner": OWNER, "lease_s": 30, "skip": []}
         assert "permission denied" in await refused(pool, QUERIES["claim"], claim)
         # Not even a plain UPDATE can start a job: the web role cannot set a lease owner,
         # and a running job without one is refused by row-level security.

@@ -181,7 +181,13 @@ class JobMachine(RuleBasedStateMachine):
         rows = self.env.run(
             self.env.sql(
                 QUERIES["claim"],
-                {"queues": ["default"], "limit": limit, "owner": owner, "lease_s": LEASE_S},
+                {
+                    "queues": ["default"],
+                    "limit": limit,
+                    "owner": owner,
+                    "lease_s": LEASE_S,
+                    "skip": [],
+                },
             )
         )
         due = [i for i in self._ids(*WAITING) if self.jobs[i].due]

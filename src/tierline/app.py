@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from tierline import enqueue as enqueueing
 from tierline.enqueue import AnyConnection
 from tierline.errors import InvalidJob, UnknownKind
+from tierline.executors import EXECUTOR_NAMES, ExecutorName
 from tierline.handles import ContextJobHandle, JobHandle
 from tierline.handles import Options as HandleOptions
 from tierline.jobs import Job, JobRequest, json_size
@@ -40,6 +41,7 @@ class Handler:
     is_async: bool
     wants_context: bool
     model: type[BaseModel]
+    executor: ExecutorName | None = None  # None: TIERLINE_WORKER_EXECUTOR's (executors/)
 
     def validate(self, args: dict[str, Any]) -> dict[str, Any]:
         """Check ``args`` against the handler's signature; return them JSON-ready."""
@@ -81,14 +83,17 @@ class App:
         max_attempts: int = 5,
         timeout: float | None = None,
         uses_db: bool = False,
+        executor: ExecutorName | None = None,
     ) -> Register:
         """Register a handler; returns its typed handle (``handles.py``). ``kind``
         defaults to the function's name.
 
         ``uses_db``: the handler borrows pool connections (``ctx.connection()``), so the
         worker's pool must have one per concurrent job.
+        ``executor``: where a plain function runs, ``"thread"`` or ``"process"`` (a
+        child process, killed on timeout); default ``TIERLINE_WORKER_EXECUTOR``.
         """
-        options = JobOptions(kind, queue, priority, max_attempts, timeout, uses_db)
+        options = JobOptions(kind, queue, priority, max_attempts, timeout, uses_db, executor)
         return Register(self, options)
 
     def add(self, options: JobOptions, func: Callable[..., Any]) -> Handler:
@@ -103,6 +108,7 @@ class App:
         )  # same rules as enqueue
         if name in self.handlers:
             raise ValueError(f"job kind {name!r} is registered twice")
+        _check_executor(name, func, options)
         model, wants_context = _signature_model(name, func)
         handler = self.handlers[name] = Handler(
             kind=name,
@@ -115,6 +121,7 @@ class App:
             is_async=inspect.iscoroutinefunction(func),
             wants_context=wants_context,
             model=model,
+            executor=options.executor,
         )
         return handler
 
@@ -244,6 +251,7 @@ class JobOptions(NamedTuple):
     max_attempts: int
     timeout: float | None
     uses_db: bool
+    executor: ExecutorName | None = None
 
 
 class Register:
@@ -269,6 +277,27 @@ def _async(connection: AnyConnection) -> psycopg.AsyncConnection[Any]:
     if not isinstance(connection, psycopg.AsyncConnection):
         raise TypeError("enqueue takes a psycopg.AsyncConnection; use enqueue_sync instead")
     return connection
+
+
+def _check_executor(kind: str, func: Callable[..., Any], options: JobOptions) -> None:
+    """Refuse, at registration, what the process executor cannot do."""
+    if options.executor is None:
+        return
+    if options.executor not in EXECUTOR_NAMES:
+        raise ValueError(f"job {kind!r}: executor must be 'thread' or 'process'")
+    if options.executor != "process":
+        return
+    if inspect.iscoroutinefunction(func):
+        raise ValueError(
+            f"job {kind!r}: executor='process' runs plain functions; an async def handler "
+            "runs on the worker's event loop"
+        )
+    if options.uses_db:
+        raise ValueError(
+            f"job {kind!r}: uses_db=True cannot go with executor='process': the worker's "
+            "pool (ctx.connection()) cannot cross into a child process; use "
+            "executor='thread', or connect from the handler itself"
+        )
 
 
 def _signature_model(kind: str, func: Callable[..., Any]) -> tuple[type[BaseModel], bool]:

@@ -4,6 +4,9 @@ Every metric is declared here with its meaning and what to do when it is high;
 ``docs/metrics.md`` is generated from ``CATALOGUE`` (``tierline docs metrics``) and
 checked in CI. This module imports nothing from the tiers: they push values into it,
 or register callbacks read at scrape time.
+
+Why this module is long: it is the catalogue, one declaration per metric with its help
+text and its "when high" hint; the docs are generated from it, so it stays in one place.
 """
 
 from __future__ import annotations
@@ -155,6 +158,71 @@ WORKER_SLOTS = gauge(
     "Job slots of this worker, busy or free.",
     ("state",),
     "All slots busy while the queue is deep: add worker replicas.",
+    "worker",
+)
+
+# -- executors (src/tierline/executors/) ---------------------------------------------------
+OVERRUNNING_THREADS = gauge(
+    "tierline_worker_overrunning_threads",
+    "Threads still running jobs already finished (timed out or cancelled hard); each "
+    "keeps its slot until it returns, since Python cannot stop a thread.",
+    (),
+    "Above 0 for long: handlers ignore their timeouts and hold slots; move them to "
+    "executor='process' (killed on timeout) or restart the replica.",
+    "worker",
+)
+CHILDREN = gauge(
+    "tierline_worker_children",
+    "Child processes of the process executor, running a job (busy) or idle.",
+    ("state",),
+    "All busy while process-executor jobs wait: add worker replicas (children follow the "
+    "usable cores, TIERLINE_WORKER_CHILDREN).",
+    "worker",
+)
+CHILDREN_RECYCLED = counter(
+    "tierline_worker_children_recycled",
+    "Child processes replaced between jobs, by reason (max_jobs, memory).",
+    ("reason",),
+    "A high memory rate: handlers leak or grow; check TIERLINE_WORKER_MAX_CHILD_MEMORY_MB "
+    "against tierline_worker_child_max_resident_memory_bytes.",
+    "worker",
+)
+CHILDREN_KILLED = counter(
+    "tierline_worker_children_killed",
+    "Child processes killed mid-job, by reason (timeout, cancelled: past the cancel grace, "
+    "shutdown: past the shutdown grace).",
+    ("reason",),
+    "timeout rising: jobs outgrow their timeout; raise it or make the jobs smaller.",
+    "worker",
+)
+CHILDREN_DIED = counter(
+    "tierline_worker_children_died",
+    "Child processes that exited unexpectedly (a crash, os._exit, an out-of-memory "
+    "kill); each fails only the attempt it ran and is replaced.",
+    (),
+    "Any increase: a handler crashes its process; see the failed attempts' errors.",
+    "worker",
+)
+WORKER_RSS = gauge(
+    "tierline_worker_resident_memory_bytes",
+    "Resident memory of the worker process (children excluded).",
+    (),
+    "Growing without bound: a leak in the worker or in thread-executor handlers.",
+    "worker",
+)
+CHILDREN_RSS = gauge(
+    "tierline_worker_children_resident_memory_bytes",
+    "Resident memory of all child processes of the process executor together.",
+    (),
+    "With the worker's, what the replica's memory limit must hold.",
+    "worker",
+)
+CHILD_MAX_RSS = gauge(
+    "tierline_worker_child_max_resident_memory_bytes",
+    "Resident memory of the largest child process.",
+    (),
+    "Near the pod's limit / children: set TIERLINE_WORKER_MAX_CHILD_MEMORY_MB to recycle "
+    "children before the kernel kills one.",
     "worker",
 )
 QUEUE_DEPTH = gauge(

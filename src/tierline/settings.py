@@ -3,6 +3,9 @@
 Only the CLI reads the environment (``Settings.from_env``); everything else receives a
 ``Settings``. Each field documents its default and unit; ``docs/configuration.md`` is
 generated from these descriptions (``tierline config --markdown``).
+
+Why this module is long: it is the one list of every variable, each with its
+description; splitting it would scatter what operators read as one reference.
 """
 
 from __future__ import annotations
@@ -191,6 +194,34 @@ class Settings(BaseSettings):
         ge=0,
         description="How long a running job may react to a cancel request before it is "
         "cancelled hard (seconds).",
+    )
+    worker_executor: Literal["thread", "process"] = Field(
+        "thread",
+        description="Where plain-function handlers run unless registered with "
+        "`@app.job(executor=...)`: `thread` (threads of the worker; Python cannot stop a "
+        "thread, so a timed-out one keeps its slot until it returns) or `process` (child "
+        "processes, killed on timeout or hard cancel; use it for CPU-bound jobs). "
+        "Handlers with `uses_db=True` stay in threads.",
+    )
+    worker_children: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Child processes of the process executor, started once and reused "
+        "(processes). Default: the usable CPU cores (cgroup-aware); never more than "
+        "`TIERLINE_WORKER_CONCURRENCY`, whose slots they count against.",
+    )
+    worker_max_jobs_per_child: int | None = Field(
+        None,
+        ge=1,
+        description="Replace a child process after this many jobs, between jobs (jobs). "
+        "Default: never.",
+    )
+    worker_max_child_memory_mb: float | None = Field(
+        None,
+        gt=0,
+        description="Replace a child process whose resident memory is above this after a "
+        "job, between jobs (MiB). Default: no limit.",
     )
     job_lease_s: float = Field(
         30.0,

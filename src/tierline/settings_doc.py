@@ -25,6 +25,9 @@ WORKER_ONLY = (
     "worker_poll",
     "worker_metrics",
     "worker_cancel",
+    "worker_executor",
+    "worker_children",
+    "worker_max_",
     "job_lease",
     "job_retention",
 )

@@ -2,29 +2,31 @@
 
 One claimer fetches as many due jobs as there are free slots (``FOR UPDATE SKIP LOCKED``,
 so replicas never block each other) whenever a NOTIFY, a freed slot or the poll interval
-says there may be work. Handlers run as asyncio tasks; plain functions run in a thread
-pool. Outcomes go to the ``Flusher``; leases are renewed by the heartbeat.
+says there may be work. Each job is an asyncio task; its handler runs where
+``executors`` says (the loop, a thread, or a child process) under its timeout. Outcomes
+go to the ``Flusher``; leases are renewed by the heartbeat. A job's slot is free when its
+work has really stopped: a thread that outlives its finished attempt keeps it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import random
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
 from tierline import metrics
-from tierline.app import App, Handler
+from tierline.app import App
 from tierline.backoff import full_jitter
 from tierline.context import JobContext
 from tierline.database import Conn, describe_error
+from tierline.executors.children import RemoteError
+from tierline.executors.dispatch import Executors
 from tierline.flusher import Finish, Flusher
 from tierline.lifecycle import SideTasks
 from tierline.logs import get_logger
@@ -79,9 +81,7 @@ class Worker:
             pool, owner, max_events=settings.max_events_per_job, on_acked=self._acked
         )
         self.maintenance = Maintenance(settings, pool)
-        self.executor = ThreadPoolExecutor(
-            max_workers=min(self.concurrency, 64), thread_name_prefix="tierline-job"
-        )
+        self.executors = Executors(app, settings)
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._more = True  # the last claim filled every free slot: more may be waiting
@@ -95,7 +95,10 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> bool:
         """Claim and run jobs until ``stop`` is set, then drain: running jobs get the
         shutdown grace period, the rest are handed back. A loop that ends on its own
-        (a crash, logged) sets ``stop`` too; then the answer is False."""
+        (a crash, logged) sets ``stop`` too; then the answer is False. So do children
+        of the process executor that cannot start."""
+        if not await self.executors.start(self.queues):
+            return False
         loops = SideTasks(stop)
         loops.start(self.flusher.run(), "flusher")
         loops.start(self.renew_forever(), "lease-renewal")
@@ -191,6 +194,8 @@ class Worker:
                     "limit": limit,
                     "owner": self.owner,
                     "lease_s": self.settings.job_lease_s,
+                    # an overrunning thread's job: its retry must not run beside it
+                    "skip": [r.job_id for r in self.running.values() if r.done],
                 },
             )
             rows = await cur.fetchall()
@@ -225,12 +230,8 @@ class Worker:
         finish = Finish(run.job_id, run.attempt, run.queue, run.kind, "succeeded")
         try:
             handler = self.app.handler(run.kind)
-            timeout = row["timeout_s"]
-            if timeout:
-                async with asyncio.timeout(timeout):
-                    result = await self._call(handler, run.ctx, row["args"])
-            else:
-                result = await self._call(handler, run.ctx, row["args"])
+            timeout = row["timeout_s"] or None
+            result = await self.executors.call(handler, run.ctx, row["args"], timeout)
             finish.result = _jsonable(result)
         except Retry as r:
             finish.state = "retrying" if run.attempt < row["max_attempts"] else "failed"
@@ -256,40 +257,36 @@ class Worker:
                 "message": "cancelled on request",
                 "attempt": run.attempt,
             }
-        except TimeoutError:
-            finish = self._failure(
-                run, row, TimeoutError(f"job timed out after {row['timeout_s']:g} s"), finish
-            )
-        except Exception as exc:
+        except Exception as exc:  # a TimeoutError too: the executor's says what was done
             finish = self._failure(run, row, exc, finish)
         # (A job that succeeded before it reacted to a cancel request keeps its result:
         # the work is done.)
         finish.duration_s = time.perf_counter() - started
         run.done = True
-        self.running.pop(run.job_id, None)
-        self._slot_freed.set()
         self.flusher.finish(finish)
+        thread = self.executors.overrun(run.job_id)
+        if thread is None:
+            self._free(run)
+        else:  # Python cannot stop it: the slot is free when it returns
+            thread.add_done_callback(lambda _: self._free(run))
 
-    async def _call(self, handler: Handler, ctx: JobContext, args: dict[str, Any]) -> Any:
-        if handler.is_async:
-            if handler.wants_context:
-                return await handler.func(ctx, **args)
-            return await handler.func(**args)
-        call = (
-            functools.partial(handler.func, ctx, **args)
-            if handler.wants_context
-            else functools.partial(handler.func, **args)
-        )
-        return await self._loop.run_in_executor(self.executor, call)
+    def _free(self, run: Running) -> None:
+        if self.running.get(run.job_id) is run:
+            del self.running[run.job_id]
+        self._slot_freed.set()
 
     def _failure(
         self, run: Running, row: dict[str, Any], exc: BaseException, finish: Finish
     ) -> Finish:
+        if isinstance(exc, RemoteError):  # raised in a child process: its type, its trace
+            kind, trace = exc.type_name, exc.remote_traceback
+        else:
+            kind, trace = type(exc).__name__, "".join(traceback.format_exception(exc))
         finish.error = {
-            "type": type(exc).__name__,
+            "type": kind,
             "message": str(exc)[:2000],
             "attempt": run.attempt,
-            "traceback": "".join(traceback.format_exception(exc))[-MAX_ERROR_CHARS:],
+            "traceback": trace[-MAX_ERROR_CHARS:],
         }
         if run.attempt < row["max_attempts"]:
             finish.state = "retrying"
@@ -356,7 +353,7 @@ class Worker:
         await self.flusher.drained(timeout=5)
         if unfinished:
             await self.release([r.job_id for r in unfinished])
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        await self.executors.close()
 
     async def release(self, ids: list[int]) -> None:
         try:
@@ -386,6 +383,7 @@ class Worker:
             "queues": self.queues,
             "completed": self.completed,
             "pending_acks": self.flusher.pending(),
+            **self.executors.stats(),
         }
 
 
