@@ -143,3 +143,18 @@ async def chatty(ctx: JobContext, events: int = 100, size: int = 100, pause: flo
 async def echo(payload: Any = None) -> Any:
     """Returns its argument unchanged: any JSON goes in, so hostile JSON can be tried."""
     return payload
+
+
+@app.job(max_attempts=1, uses_db=True)
+async def follow_up(ctx: JobContext, token: str, fail: bool = False) -> str:
+    """Writes a run and enqueues ``record`` in the same transaction of its own
+    connection; ``fail`` raises before the commit, so neither exists."""
+    async with ctx.connection() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO public.runs (job_id, token, attempt, pid) VALUES (%s, %s, %s, %s)",
+            (ctx.job_id, f"parent-{token}", ctx.attempt, os.getpid()),
+        )
+        await record.using(connection=conn).enqueue(token=token)
+        if fail:
+            raise RuntimeError("the handler failed before its transaction committed")
+    return token
