@@ -13,8 +13,15 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-## up: the whole system (embedded PostgreSQL unless TIERLINE_DATABASE_URL is set)
+## up: the whole system (embedded PostgreSQL unless TIERLINE_DATABASE_URL is set), running
+## the example application (examples/reports) on both tiers; TIERLINE_APP and
+## TIERLINE_WEB_APP choose another (TIERLINE_WEB_APP= serves Tierline's API alone)
+EXAMPLE_APP ?= examples.reports.jobs:app
+EXAMPLE_WEB_APP ?= examples.reports.web:api
 up: $(STAMP)
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+	TIERLINE_APP=$${TIERLINE_APP:-$(EXAMPLE_APP)} \
+	TIERLINE_WEB_APP=$${TIERLINE_WEB_APP-$(EXAMPLE_WEB_APP)} \
 	$(BIN)/tierline up $(ARGS)
 
 ## test: lint, types, generated docs, then the test suite against a real PostgreSQL
@@ -24,12 +31,12 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench examples
+	$(BIN)/ruff check --fix src tests bench examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypeVar, overload
 
 import psycopg
@@ -65,10 +67,19 @@ class App:
     ... async def send(ctx, to: str) -> None: ...
     """
 
-    def __init__(self, name: str = "tierline", *, database_url: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "tierline",
+        *,
+        database_url: str | None = None,
+        migrations: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """``migrations``: a folder of the application's own ``NNNN_name.sql`` schema
+        migrations, applied after Tierline's by ``tierline migrate``."""
         self.name = name
         self.handlers: dict[str, Handler] = {}
         self.database_url = database_url
+        self.migrations = Path(migrations) if migrations is not None else None
         self._settings: Settings | None = None
         # The tier's queue once a tier runs this process, else a small pool of its own.
         self.producer = Producer(self, self.settings)

@@ -351,7 +351,10 @@ async def _migrate(
             version = await migrations.check(conn)
             click.echo(f"schema is current (version {version})")
             return 0
-        applied = await migrations.migrate(conn)
+        application = _app_or_fail(settings)
+        own = application.migrations
+        app_migrations = (application.name, migrations.in_folder(own)) if own else None
+        applied = await migrations.migrate(conn, app_migrations)
         if not quiet or applied:
             if applied:
                 for m in applied:

@@ -1,0 +1,1 @@
+"""Example applications that run on Tierline (``make up`` runs ``reports``)."""

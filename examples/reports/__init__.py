@@ -1,0 +1,1 @@
+"""Reports: an example application on both tiers (see ``README.md`` beside this file)."""
