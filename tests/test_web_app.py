@@ -133,3 +133,15 @@ def test_a_route_conflict_stops_the_replica_naming_both(tmp_path: Path, db_url: 
     )
     assert done.returncode == 2, done.stderr
     assert "/metrics" in done.stderr and "TIERLINE_WEB_APP" in done.stderr, done.stderr
+
+
+def test_any_asgi_callable_is_served(cluster: Cluster) -> None:
+    proc, url = cluster.web(TIERLINE_APP=TEST_APP, TIERLINE_WEB_APP="tests.web_app:raw")
+    cluster.wait_ready(url, proc)
+    answer = httpx.get(f"{url}/some/path")
+    assert answer.status_code == 200 and answer.text == "raw /some/path"
+    assert httpx.get(f"{url}/tierline/v1/queues").status_code == 200
+    text = httpx.get(f"{url}/metrics").text
+    count = metric(text, "tierline_http_request_duration_seconds_count", route="unmatched")
+    assert count and count >= 1  # no route templates to read: one low-cardinality label
+    assert "the application has no lifespan" in proc.output()

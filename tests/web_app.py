@@ -82,3 +82,11 @@ clashing = FastAPI()
 @clashing.get("/metrics")
 async def own_metrics() -> dict[str, str]:
     return {"mine": "yes"}
+
+
+async def raw(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A bare ASGI callable with no lifespan support (as Django's handler is)."""
+    assert scope["type"] == "http"
+    body = f"raw {scope['path']}".encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
