@@ -1,4 +1,5 @@
-"""The benchmark application: the demo app's job kinds plus ``stamp``.
+"""The benchmark application: the demo app's job kinds plus ``stamp``, ``burn`` and
+``noop_sync``.
 
 Workers of ``bench/pickup`` run it (``TIERLINE_APP=bench.apps:app``); producers use it to
 validate what they enqueue.
@@ -19,3 +20,19 @@ app.handlers.update(demo.handlers)
 async def stamp() -> dict[str, float]:
     """Returns the wall-clock time at which the handler started."""
     return {"t": time.time()}
+
+
+@app.job()
+def burn(iterations: int = 1_000_000) -> int:
+    """CPU-bound pure Python (holds the GIL throughout): ``bench/cpu``'s job. Runs in
+    the executor ``TIERLINE_WORKER_EXECUTOR`` names."""
+    total = 0
+    for i in range(iterations):
+        total += i * i % 7
+    return total
+
+
+@app.job()
+def noop_sync() -> None:
+    """A plain function that does nothing: the per-job overhead of an executor."""
+    return None

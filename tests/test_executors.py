@@ -253,3 +253,16 @@ def test_registration_refuses_what_a_child_cannot_do() -> None:
         app.job(executor="fork")(plain)  # type: ignore[arg-type]
     app.job(executor="thread", uses_db=True)(plain)
     assert app.handlers["plain"].executor == "thread"
+
+
+def test_a_worker_stops_without_waiting_for_an_overrunning_thread(
+    cluster: Cluster, db_url: str
+) -> None:
+    web, url = cluster.web(**ENV)
+    worker, wurl = cluster.worker(**ENV, TIERLINE_WORKER_SHUTDOWN_GRACE_S=1)
+    cluster.wait_ready(url, web)
+    cluster.wait_ready(wurl, worker)
+    job_id = enqueue(url, "sleepy_thread", {"seconds": 120})
+    wait_for(lambda: job(url, job_id)["state"] == "retrying", 30, "the attempt to time out")
+    assert worker.stop(timeout=20) == 0  # not after the thread's 120 s
+    assert "exiting without waiting for threads that cannot be stopped" in worker.output()

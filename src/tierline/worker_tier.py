@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from typing import Any
 
 import uvicorn
@@ -94,6 +96,19 @@ class WorkerTier(Tier):
         )
         log.info("worker ready", replica=str(self.replica.id))
         return await worker.run(self.stop)
+
+    async def run(self) -> int:
+        code = await super().run()
+        overruns = sorted(self.worker.executors.threads.overruns) if self.worker else []
+        if overruns:
+            # Python cannot stop these threads, and the interpreter would wait for them at
+            # exit (concurrent.futures joins its threads), maybe forever. Their attempts
+            # are recorded and the budget claim released: leave without them.
+            log.warning("exiting without waiting for threads that cannot be stopped", jobs=overruns)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
     async def close(self) -> None:
         self.metrics_server.should_exit = True
