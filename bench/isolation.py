@@ -5,6 +5,11 @@ three times: without workers, while worker replicas drain a large backlog of no-
 at full speed, and without workers again (so drift of a shared machine shows). The
 backlog is sized to outlast the loaded phase; the result says if it ran out.
 ``--worker-cpu-quota`` puts each worker replica under a CPU quota, as a pod limit would.
+``--mix app`` hosts the example application (``examples/reports``) on the web replica and
+requests its database-backed routes (10 % ``POST /reports``, 70 % ``GET /reports/{id}``,
+20 % ``GET /reports``); the worker tier then runs the example's jobs and the backlog is
+``build_report`` jobs (5 progress events and an ``UPDATE`` of the report row each),
+which the workers drain beside the jobs ``POST /reports`` enqueues.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import command, cpuquota, jobs, launch, output, webload
+from bench import command, cpuquota, example, jobs, launch, output, webload
 from tierline.testing.ports import free_port
 
 NAME = "isolation"
@@ -26,14 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="Measured seconds per phase.")
     p.add_argument("--capacity-duration", type=float, default=5.0, help="Seconds (closed loop).")
     p.add_argument("--connections", type=int, default=64, help="Generator connections.")
-    p.add_argument("--backlog", type=int, default=150_000, help="No-op jobs to drain.")
+    p.add_argument(
+        "--backlog",
+        type=int,
+        default=150_000,
+        help="Jobs to drain: no-op ones, or the example's build_report with --mix app.",
+    )
     p.add_argument("--workers", type=int, default=1, help="Worker replicas draining.")
     p.add_argument("--concurrency", type=int, default=500, help="Slots per worker replica.")
     p.add_argument(
         "--worker-cpu-quota", type=float, default=None, help="CPU cores per worker (quota)."
     )
-    p.add_argument("--reads", type=int, default=2000, help="Jobs seeded for GET.")
+    p.add_argument("--reads", type=int, default=2000, help="Jobs (or reports) seeded for GET.")
+    webload.add_mix_option(p)
     args = p.parse_args(argv)
+    webload.settle_mix(args)
+    app_mix = args.mix == "app"
+    backlog_queue = example.BACKLOG_QUEUE if app_mix else "default"
     if args.smoke:
         args.duration, args.capacity_duration, args.backlog = 1.0, 1.0, 2000
         args.reads, args.connections, args.concurrency = 50, 8, 50
@@ -44,11 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     drained: dict[str, Any] = {}
     try:
         with jobs.fresh_database(args.server_url) as url, launch.log_folder(NAME) as logs:
-            ids = webload.seed_for_reads(url, args.reads)
-            asyncio.run(jobs.seed(url, "noop", {}, args.backlog, held=True))
+            ids = webload.seed_for_reads(url, args.reads, args.mix)
+            if app_mix:
+                asyncio.run(example.seed_backlog(url, args.backlog))
+            else:
+                asyncio.run(jobs.seed(url, "noop", {}, args.backlog, held=True))
             port = free_port()
             with launch.processes() as procs:
-                webload.start_web(args, url, logs, procs, 1, port, "iso")
+                webload.start_web(args, url, logs, procs, 1, port, "iso", mix=args.mix)
                 unit = args.rate
                 if unit is None:
                     capacity = webload.loadgen(
@@ -58,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                         ids=ids,
                         warmup=0.3 if args.smoke else 1.0,
                         connections=16,
+                        mix=args.mix,
                     )
                     unit = max(10.0, round(capacity["achieved_rps"] / 2))
                     command.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
@@ -70,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                         ids=ids,
                         warmup=0.3 if args.smoke else 1.0,
                         connections=args.connections,
+                        mix=args.mix,
                     )
                     r["phase"] = label
                     phases.append(r)
@@ -81,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
 
                 phase("without workers")
                 workers = []
+                # The app mix: the example's jobs, the backlog's queue and POST /reports's.
+                hosted = (
+                    {**example.ENV, "TIERLINE_WORKER_QUEUES": f"default,{backlog_queue}"}
+                    if app_mix
+                    else {}
+                )
                 for i in range(args.workers):
                     mport = free_port()
                     group = (
@@ -98,16 +123,19 @@ def main(argv: list[str] | None = None) -> int:
                         TIERLINE_WORKER_CONCURRENCY=args.concurrency,
                         TIERLINE_WORKER_METRICS_PORT=mport,
                         TIERLINE_WORKER_SHUTDOWN_GRACE_S=2,
+                        **hosted,
                     )
                     procs.append(w)
                     workers.append((w, mport))
                 for w, mport in workers:
                     launch.wait_ready(f"http://127.0.0.1:{mport}", w)
-                jobs.release(url)
+                released_at = jobs.release(url, backlog_queue)
                 t0 = time.monotonic()
                 phase("while workers drain the backlog")
                 loaded_s = time.monotonic() - t0
-                left = jobs.unfinished(url)
+                left = jobs.unfinished(url, backlog_queue)
+                # The app mix: the jobs POST /reports enqueued, run beside the backlog.
+                beside = example.finished_since(url, "default", released_at) if app_mix else 0
                 for w, _ in workers:
                     w.close(timeout=30)
                 done = args.backlog - left
@@ -117,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                     "backlog_ran_out": left == 0,
                     "drain_rate_per_s": round(done / loaded_s, 1),
                 }
+                if app_mix:
+                    drained["post_reports_jobs_finished_during_phase"] = beside
                 command.say(
                     f"workers drained {done} jobs ({drained['drain_rate_per_s']}/s); {left} left"
+                    + (f"; and finished {beside} jobs of POST /reports" if app_mix else "")
                 )
                 phase("without workers (again)")
     finally:
@@ -150,16 +181,35 @@ def main(argv: list[str] | None = None) -> int:
         "phases": phases,
         "target": verdict,
     }
+    data["mix"] = webload.MIXES[args.mix]
+    data["mix_name"] = args.mix
+    if app_mix:
+        data["workers"]["backlog_job"] = {"kind": "build_report", "args": example.BACKLOG_ARGS}
     quota_text = (
         f", each under a CPU quota of {args.worker_cpu_quota:g} cores"
         if args.worker_cpu_quota and quota.available
         else ""
     )
+    mix_text = (
+        f"mix {webload.MIX}"
+        if not app_mix
+        else f"mix app, the example application's routes (examples/reports hosted by the web "
+        f"tier): {webload.MIX_TEXT['app']}, weights {webload.MIXES['app']}"
+    )
+    backlog_text = (
+        "no-op jobs"
+        if not app_mix
+        else "build_report jobs of the example (5 progress events and an UPDATE of the "
+        "report row each, no sleep; the jobs POST /reports enqueues, 5 x 0.1 s of sleep "
+        f"each, run beside them: {drained.get('post_reports_jobs_finished_during_phase', 0):,} "
+        "finished during the phase)"
+    )
     md = [
-        f"One web replica at R = {unit:g} req/s (open loop, mix {webload.MIX}); worker tier: "
+        f"One web replica at R = {unit:g} req/s (open loop, {mix_text}); worker tier: "
         f"{args.workers} replica(s) x concurrency {args.concurrency}{quota_text}, draining "
-        f"{args.backlog:,} no-op jobs ({drained.get('drain_rate_per_s', 'n/a')} jobs/s during "
-        f"the phase, backlog {'ran out' if drained.get('backlog_ran_out') else 'lasted'}).",
+        f"{args.backlog:,} {backlog_text} ({drained.get('drain_rate_per_s', 'n/a')} jobs/s "
+        f"during the phase, backlog "
+        f"{'ran out' if drained.get('backlog_ran_out') else 'lasted'}).",
         "",
         output.table(
             ["phase", "achieved req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors"],
@@ -181,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{verdict['p99_with_ms']} ms vs {verdict['p99_without_ms']} ms = {verdict['ratio']}x: "
         + ("met." if verdict["meets"] else "**not met**."),
     ]
+    if app_mix:
+        md += [
+            "",
+            "By route:",
+            "",
+            webload.by_op_table([(x["phase"], x) for x in phases], args.mix),
+        ]
 
     def chart(path: Path) -> None:
         plt = output.pyplot()
@@ -198,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_xticklabels(["p50", "p90", "p99", "p99.9"])
         ax.set_yscale("log")
         ax.set_ylabel("latency (ms, log)")
-        ax.set_title(f"Web latency at {unit:g} req/s, with and without draining workers")
+        ax.set_title(
+            f"Web latency at {unit:g} req/s, with and without draining workers"
+            + (", example app routes" if app_mix else "")
+        )
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)

@@ -7,8 +7,13 @@ over a fixed pool of keep-alive connections; a request waits for a free connecti
 that wait counts. Closed loop (``--closed``): every connection sends back to back; its
 throughput is the capacity.
 
-The mix: ``enqueue`` (``POST /v1/jobs``), ``get`` (``GET /v1/jobs/{id}`` of a seeded
-job) and ``list`` (``GET /v1/jobs?limit=20``). The result is JSON on stdout.
+The operations (``--routes``): ``jobs``, Tierline's job API: ``enqueue``
+(``POST /v1/jobs``), ``get`` (``GET /v1/jobs/{id}`` of a seeded job) and ``list``
+(``GET /v1/jobs?limit=20``); ``app``, the example application's routes
+(``examples/reports``): ``create_report`` (``POST /reports``: a row and its job in one
+transaction), ``get_report`` (``GET /reports/{id}`` of a seeded report) and
+``list_reports`` (``GET /reports``, the latest 20). ``--mix`` weighs them. The result is
+JSON on stdout.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENQUEUE_BODY = json.dumps({"kind": "noop", "args": {}, "queue": "web"}).encode()
+# A small report: its job sleeps 5 x 0.1 s on a worker (examples/reports/jobs.py).
+REPORT_BODY = json.dumps({"title": "bench", "rows": 5}).encode()
+ROUTES = ("jobs", "app")
 
 
 @dataclass
@@ -43,8 +51,16 @@ class Stats:
 class Mix:
     """Picks operations by weight and renders their requests."""
 
-    def __init__(self, host: str, weights: dict[str, float], ids: tuple[int, int], seed: int):
+    def __init__(
+        self,
+        host: str,
+        weights: dict[str, float],
+        ids: tuple[int, int],
+        seed: int,
+        routes: str = "jobs",
+    ):
         self.host = host
+        self.routes = routes
         self.ops = list(weights)
         self.weights = [weights[o] for o in self.ops]
         self.ids = ids
@@ -52,6 +68,8 @@ class Mix:
 
     def next(self) -> tuple[str, bytes]:
         op = self.rng.choices(self.ops, self.weights)[0]
+        if self.routes == "app":
+            return op, self.app_request(op)
         if op == "enqueue":
             head = (
                 f"POST /v1/jobs HTTP/1.1\r\nHost: {self.host}\r\n"
@@ -62,6 +80,20 @@ class Mix:
             job = self.rng.randint(*self.ids)
             return op, f"GET /v1/jobs/{job} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode()
         return op, f"GET /v1/jobs?limit=20 HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode()
+
+    def app_request(self, op: str) -> bytes:
+        if op == "create_report":
+            head = (
+                f"POST /reports HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(REPORT_BODY)}\r\n\r\n"
+            )
+            return head.encode() + REPORT_BODY
+        if op == "get_report":
+            report = self.rng.randint(*self.ids)
+            return f"GET /reports/{report} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode()
+        if op == "list_reports":
+            return f"GET /reports HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode()
+        raise ValueError(f"unknown operation {op!r} of the app routes")
 
 
 async def read_response(reader: asyncio.StreamReader) -> int:
@@ -210,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--timeout", type=float, default=10.0, help="Per request (s).")
     p.add_argument("--mix", default="enqueue=1,get=7,list=2", help="op=weight,...")
-    p.add_argument("--ids", default="1-1000", help="Range of job ids to GET.")
+    p.add_argument("--routes", default="jobs", choices=ROUTES, help="Whose routes (above).")
+    p.add_argument("--ids", default="1-1000", help="Range of job (or report) ids to GET.")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     weights = {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))}
     lo, hi = (int(x) for x in args.ids.split("-"))
-    mix = Mix(f"{args.host}:{args.port}", weights, (lo, hi), args.seed)
+    mix = Mix(f"{args.host}:{args.port}", weights, (lo, hi), args.seed, args.routes)
     stats = Stats()
     try:
         import uvloop

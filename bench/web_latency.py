@@ -4,9 +4,12 @@ First the capacity C of one replica is measured (closed loop, the mix below); th
 load R is C / 2 unless ``--rate`` is given. Then each replica count (1, 2, 4; separate
 processes with ``tierline web --reuse-port``, the kernel spreading connections) takes
 offered loads R, 2R and 4R from the load generator (``bench/loadgen.py``, its own
-process): constant arrival rate, latency from the intended send time. The mix is 10 %
-enqueue (``POST /v1/jobs``), 70 % get (``GET /v1/jobs/{id}``), 20 % list
-(``GET /v1/jobs?limit=20``).
+process): constant arrival rate, latency from the intended send time. The mix
+(``--mix``) is, by default (``jobs``), Tierline's job API: 10 % enqueue
+(``POST /v1/jobs``), 70 % get (``GET /v1/jobs/{id}``), 20 % list
+(``GET /v1/jobs?limit=20``); ``app`` hosts the example application (``examples/reports``)
+on the replicas and requests its database-backed routes instead: 10 % ``POST /reports``
+(a row and its job in one transaction), 70 % ``GET /reports/{id}``, 20 % ``GET /reports``.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="Measured seconds per point.")
     p.add_argument("--capacity-duration", type=float, default=5.0, help="Seconds (closed loop).")
     p.add_argument("--connections", type=int, default=64, help="Generator connections.")
-    p.add_argument("--reads", type=int, default=2000, help="Jobs seeded for GET.")
+    p.add_argument("--reads", type=int, default=2000, help="Jobs (or reports) seeded for GET.")
+    webload.add_mix_option(p)
     args = p.parse_args(argv)
+    webload.settle_mix(args)
     if args.smoke:
         args.replicas, args.loads, args.duration, args.capacity_duration = "1,2", "1,2", 1.0, 1.0
         args.reads, args.connections = 50, 8
@@ -39,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     points: list[dict[str, Any]] = []
     capacity: dict[str, Any] | None = None
     with jobs.fresh_database(args.server_url) as url, launch.log_folder(NAME) as logs:
-        ids = webload.seed_for_reads(url, args.reads)
+        ids = webload.seed_for_reads(url, args.reads, args.mix)
         unit = args.rate
         for n in counts:
             port = free_port()
             with launch.processes() as procs:
-                webload.start_web(args, url, logs, procs, n, port, f"x{n}")
+                webload.start_web(args, url, logs, procs, n, port, f"x{n}", mix=args.mix)
                 if unit is None:
                     capacity = webload.loadgen(
                         port,
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                         ids=ids,
                         warmup=0.3 if args.smoke else 1.0,
                         connections=16,
+                        mix=args.mix,
                     )
                     unit = max(10.0, round(capacity["achieved_rps"] / 2))
                     command.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                         ids=ids,
                         warmup=0.3 if args.smoke else 1.0,
                         connections=args.connections,
+                        mix=args.mix,
                     )
                     r.update({"replicas": n, "load": f"{mult:g}R"})
                     points.append(r)
@@ -96,15 +103,22 @@ def main(argv: list[str] | None = None) -> int:
         "unit_load_rps": unit,
         "capacity_one_replica": capacity
         and {k: capacity[k] for k in ("achieved_rps", "latency_ms", "errors")},
-        "mix": webload.MIX,
+        "mix": webload.MIXES[args.mix],
+        "mix_name": args.mix,
         "connections": args.connections,
         "points": points,
         "target": verdict,
     }
+    mix_text = (
+        f"Mix {webload.MIX} (weights)"
+        if args.mix == "jobs"
+        else f"Mix app, the example application's routes (examples/reports hosted by the "
+        f"web tier): {webload.MIX_TEXT['app']} (weights {webload.MIXES['app']})"
+    )
     md = [
         f"Capacity of one replica (closed loop, 16 connections): "
         f"{capacity['achieved_rps'] if capacity else 'n/a'} req/s; R = {unit:g} req/s. "
-        f"Mix {webload.MIX} (weights), {args.connections} keep-alive connections, "
+        f"{mix_text}, {args.connections} keep-alive connections, "
         f"{args.duration:g} s per point, latency from the intended send time.",
         "",
         output.table(
@@ -144,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{verdict['errors_at_top']} errors: "
             + ("met." if verdict["meets"] else "**not met**."),
         ]
+    if args.mix == "app":
+        md += [
+            "",
+            "By route:",
+            "",
+            webload.by_op_table([(f"{x['replicas']} x {x['load']}", x) for x in points], args.mix),
+        ]
 
     def chart(path: Path) -> None:
         plt = output.pyplot()
@@ -159,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_yscale("log")
         ax.set_xlabel("offered load (req/s)")
         ax.set_ylabel("p99 latency (ms, log)")
-        ax.set_title("Web p99 latency, open loop")
+        ax.set_title(
+            "Web p99 latency, open loop" + (", example app routes" if args.mix == "app" else "")
+        )
         ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=110)

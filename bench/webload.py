@@ -11,12 +11,64 @@ from typing import Any
 
 import httpx
 
-from bench import jobs, launch, percentiles
+from bench import command, example, jobs, launch, output, percentiles
 from tierline.testing.databases import query
 from tierline.testing.processes import Proc, plain_env
 from tierline.testing.waiting import wait_for
 
 MIX = "enqueue=1,get=7,list=2"
+# --mix: the load generator's routes (``bench/loadgen.py --routes``) and their weights.
+MIXES = {"jobs": MIX, "app": "create_report=1,get_report=7,list_reports=2"}
+MIX_TEXT = {
+    "jobs": "10 % POST /v1/jobs, 70 % GET /v1/jobs/{id}, 20 % GET /v1/jobs?limit=20",
+    "app": "10 % POST /reports (a row and its build_report job in one transaction), "
+    "70 % GET /reports/{id}, 20 % GET /reports (the latest 20)",
+}
+MIX_HELP = (
+    "What the load generator requests. jobs (default): Tierline's job API, "
+    + MIX_TEXT["jobs"]
+    + ". app: the example application examples/reports hosted by the web replicas "
+    "(TIERLINE_WEB_APP=examples.reports.web:api, its table migrated, --reads reports "
+    "seeded), its database-backed routes: "
+    + MIX_TEXT["app"]
+    + " (bench/isolation: the worker tier runs the example's jobs and drains its "
+    "build_report jobs); results then go to bench/results/app-mix/ unless --out says "
+    "otherwise."
+)
+
+
+def add_mix_option(p: Any) -> None:
+    """``--mix jobs|app`` on a benchmark's parser."""
+    p.add_argument("--mix", choices=sorted(MIXES), default="jobs", help=MIX_HELP.replace("%", "%%"))
+
+
+def settle_mix(args: Any) -> None:
+    """After parsing: the app mix writes beside the job-API results, not over them."""
+    if args.mix == "app" and args.out == command.RESULTS:
+        args.out = command.RESULTS / "app-mix"
+
+
+def ops(mix: str) -> list[str]:
+    """The operations of ``mix``, in the order of its weights."""
+    return [kv.split("=")[0] for kv in MIXES[mix].split(",")]
+
+
+def by_op_table(rows: list[tuple[str, dict[str, Any]]], mix: str) -> str:
+    """p50 / p99 of each operation: one row per (label, loadgen result)."""
+    names = ops(mix)
+    headers = ["point"] + [f"{op} {q} ms" for op in names for q in ("p50", "p99")]
+    table = []
+    for label, r in rows:
+        by = r["latency_ms_by_op"]
+        table.append(
+            [label] + [by.get(op, {}).get(q, float("nan")) for op in names for q in ("p50", "p99")]
+        )
+    return output.table(headers, table)
+
+
+def api_prefix(mix: str) -> str:
+    """Where Tierline's own API lives on the web replicas of ``mix``."""
+    return example.API_PREFIX if mix == "app" else ""
 
 
 def start_web(
@@ -28,8 +80,11 @@ def start_web(
     port: int,
     label: str,
     cgroup: Path | None = None,
+    mix: str = "jobs",
 ) -> list[Proc]:
-    """``n`` web replicas on one port (``--reuse-port``), all ready."""
+    """``n`` web replicas on one port (``--reuse-port``), all ready; with ``mix="app"``
+    hosting the example application."""
+    hosted = example.ENV if mix == "app" else {}
     mine = []
     for i in range(n):
         proc = launch.tierline(
@@ -42,6 +97,7 @@ def start_web(
             extra_args=["--reuse-port"],
             TIERLINE_WEB_PORT=port,
             TIERLINE_HEARTBEAT_S=1,
+            **hosted,
         )
         procs.append(proc)
         mine.append(proc)
@@ -53,7 +109,7 @@ def start_web(
             if not p.alive():
                 raise RuntimeError(f"{p.name} exited:\n{p.tail()}")
         try:
-            reply = httpx.get(f"{base}/v1/cluster", timeout=2)
+            reply = httpx.get(f"{base}{api_prefix(mix)}/v1/cluster", timeout=2)
         except httpx.HTTPError:
             return False
         if reply.status_code != 200:
@@ -74,6 +130,7 @@ def loadgen(
     connections: int = 64,
     warmup: float = 1.0,
     cgroup: Path | None = None,
+    mix: str = "jobs",
 ) -> dict[str, Any]:
     """Run the load generator in its own process; its result with latency percentiles."""
     cmd = [
@@ -89,7 +146,9 @@ def loadgen(
         "--connections",
         str(connections),
         "--mix",
-        MIX,
+        MIXES[mix],
+        "--routes",
+        mix,
         "--ids",
         f"{ids[0]}-{ids[1]}",
     ]
@@ -131,9 +190,13 @@ def loadgen(
     }
 
 
-def seed_for_reads(url: str, n: int) -> tuple[int, int]:
-    """Jobs to GET: ``n`` finished-looking rows in queue ``web-read``; their id range."""
+def seed_for_reads(url: str, n: int, mix: str = "jobs") -> tuple[int, int]:
+    """Jobs to GET: ``n`` finished-looking rows in queue ``web-read``; their id range.
+    With ``mix="app"``: the example's table, migrated, and ``n`` reports in it."""
     import asyncio
+
+    if mix == "app":
+        return example.seed_for_reads(url, n)
 
     asyncio.run(jobs.seed(url, "noop", {}, n, queue="web-read"))
     row = query(

@@ -114,3 +114,27 @@ def test_isolation(server_url: str, out: Path) -> None:
     ]
     assert all(x["errors"] == 0 for x in r["phases"])
     assert r["workers"]["jobs_finished_during_phase"] > 0
+
+
+def test_web_latency_app_mix(server_url: str, out: Path) -> None:
+    """The example application's routes, hosted by the web replicas."""
+    r = run_bench("web-latency", server_url, out, "--mix", "app")
+    assert r["mix_name"] == "app"
+    for x in r["points"]:
+        assert x["ok"] > 0
+        assert x["errors"] == 0, x["error_kinds"]
+        assert {"create_report", "get_report", "list_reports"} >= set(x["latency_ms_by_op"])
+    assert "POST /reports" in (out / "web-latency.md").read_text()
+
+
+def test_isolation_app_mix(server_url: str, out: Path) -> None:
+    """The example's routes on the web replica, its jobs on the worker tier."""
+    r = run_bench("isolation", server_url, out, "--mix", "app")
+    assert r["mix_name"] == "app"
+    assert all(x["errors"] == 0 for x in r["phases"])
+    assert {"create_report", "get_report", "list_reports"} >= set(
+        r["phases"][0]["latency_ms_by_op"]
+    )
+    w = r["workers"]
+    # In the tiny run the jobs POST /reports enqueued may fill the phase before the backlog.
+    assert w["jobs_finished_during_phase"] + w["post_reports_jobs_finished_during_phase"] > 0
