@@ -8,18 +8,22 @@ repetition (and their order reverses on every other one), because the machine is
 and noisy. The rate is the job count over ``max(finished_at) - min(started_at)``
 (database clock). The overhead runs drain ``noop_sync`` jobs one at a time (concurrency
 1) in each executor: the difference per job is what a round trip to a child costs.
+"Cores used" is the CPU time of the worker and its children per second of a drain: on
+a shared machine it says how much of the 2 cores a run really got.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import command, jobs, launch, output, percentiles
+from bench import command, jobs, launch, output, percentiles, sampling
 from tierline.testing.databases import query
 from tierline.testing.ports import free_port
 
@@ -69,10 +73,12 @@ def drain(args: Any, label: str, env: dict[str, Any], kind: str, n: int) -> dict
             launch.wait_ready(f"http://127.0.0.1:{port}", worker)
             if env["TIERLINE_WORKER_EXECUTOR"] == "process":
                 _wait_for_children(worker)
+            cpu0, t0 = _tree_cpu(worker.pid), time.monotonic()
             jobs.release(url)
-            deadline = time.monotonic() + args.timeout
+            deadline = t0 + args.timeout
             while jobs.unfinished(url) and time.monotonic() < deadline:
                 time.sleep(0.05)
+            cores_used = (_tree_cpu(worker.pid) - cpu0) / (time.monotonic() - t0)
             handler_ms = _mean_duration_ms(f"http://127.0.0.1:{port}")
         row = query(
             url,
@@ -93,9 +99,21 @@ def drain(args: Any, label: str, env: dict[str, Any], kind: str, n: int) -> dict
         # tierline_job_duration_seconds: from the job's start to its outcome, so the
         # executor's own cost without the claims and acknowledgements around it
         "handler_ms": handler_ms,
+        # CPU seconds of the worker and its children per second of the drain: what the
+        # shared machine gave this replica (2 children can use 2 only on 2 idle cores)
+        "cores_used": round(cores_used, 2),
     }
     command.say(f"{label} ({kind}): {succeeded}/{n} jobs in {span:.2f} s")
     return result
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and of its live children (the process executor's)."""
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return sampling.cpu_seconds(pid) + sum(sampling.cpu_seconds(c) for c in children)
 
 
 def _mean_duration_ms(metrics_url: str) -> float | None:
@@ -150,6 +168,9 @@ def summarise(
     def median(rows: list[dict[str, Any]], key: str) -> float:
         return float(percentiles.median([r[key] or 0.0 for r in rows]))
 
+    cores = {
+        label: median([r for r in runs if r["label"] == label], "cores_used") for label in CONFIGS
+    }
     summary = {
         label: median([r for r in runs if r["label"] == label], "rate_per_s") for label in CONFIGS
     }
@@ -177,6 +198,7 @@ def summarise(
         "iterations": args.iterations,
         "repeat": args.repeat,
         "median_rate_per_s": summary,
+        "median_cores_used": cores,
         "process2_over_thread": ratios,
         "median_process2_over_thread": percentiles.median(ratios) if ratios else None,
         "target_ratio": 1.6,
@@ -199,9 +221,19 @@ def markdown(args: Any, data: dict[str, Any]) -> str:
             f"{machine['cpus']} CPUs, load at start {machine['load_average_at_start']}.",
             "",
             output.table(
-                ["executor", "jobs/s (db clock)", "x thread"],
-                [(label, rate, round(rate / rates["thread"], 2)) for label, rate in rates.items()],
+                ["executor", "jobs/s (db clock)", "x thread", "cores used"],
+                [
+                    (
+                        label,
+                        rate,
+                        round(rate / rates["thread"], 2),
+                        data["median_cores_used"][label],
+                    )
+                    for label, rate in rates.items()
+                ],
             ),
+            "",
+            "Cores used: CPU seconds of the worker and its children per second of the drain.",
             "",
             f"process (2 children) / thread, per repetition: {data['process2_over_thread']} "
             f"(median {data['median_process2_over_thread']}; target >= {data['target_ratio']}).",
@@ -231,6 +263,7 @@ def markdown(args: Any, data: dict[str, Any]) -> str:
                     "jobs/s",
                     "ms/job",
                     "handler ms",
+                    "cores used",
                 ],
                 [
                     (
@@ -242,6 +275,7 @@ def markdown(args: Any, data: dict[str, Any]) -> str:
                         r["rate_per_s"],
                         r["ms_per_job"],
                         r["handler_ms"],
+                        r["cores_used"],
                     )
                     for r in data["runs"] + data["overhead_runs"]
                 ],
