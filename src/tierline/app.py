@@ -13,6 +13,7 @@ import psycopg
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from tierline import enqueue as enqueueing
+from tierline import tracing
 from tierline.enqueue import AnyConnection
 from tierline.errors import InvalidJob, UnknownKind
 from tierline.executors import EXECUTOR_NAMES, ExecutorName
@@ -178,6 +179,7 @@ class App:
             "max_attempts": request.max_attempts or handler.max_attempts,
             "timeout_s": request.timeout_s if request.timeout_s is not None else handler.timeout,
             "idempotency_key": request.idempotency_key,
+            "trace_context": tracing.carrier(),  # None unless OpenTelemetry is configured
         }
 
     # -- enqueue --------------------------------------------------------------------------

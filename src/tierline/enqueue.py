@@ -58,7 +58,8 @@ KEY_RACE = "idempotency key conflict did not settle; try again"
 def one(registry: Registry, request: JobRequest, max_args_bytes: int) -> Steps[tuple[Job, bool]]:
     """Insert one job; ``(job, created)``; created is False for a repeated key."""
     row = registry.prepare(request, max_args_bytes=max_args_bytes)
-    params = {**row, "args": Jsonb(row["args"])}
+    trace = row["trace_context"]
+    params = {**row, "args": Jsonb(row["args"]), "trace_context": trace and Jsonb(trace)}
     for _ in range(3):
         # With a key, running the insert again is safe even if the first one committed.
         rows = yield Statement(

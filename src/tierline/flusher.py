@@ -16,7 +16,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from tierline import logs, metrics
+from tierline import logs, metrics, tracing
 from tierline.backoff import backoff_delays
 from tierline.database import Conn, describe_error
 from tierline.logs import get_logger
@@ -132,6 +132,13 @@ class Flusher:
                 self._wake.set()
 
     async def _write(
+        self, events: list[tuple[int, str, dict[str, Any]]], finishes: list[Finish]
+    ) -> None:
+        attributes = {"tierline.ack.events": len(events), "tierline.ack.finished": len(finishes)}
+        with tracing.span("tierline.ack", attributes):
+            await self._write_batch(events, finishes)
+
+    async def _write_batch(
         self, events: list[tuple[int, str, dict[str, Any]]], finishes: list[Finish]
     ) -> None:
         async with self.pool.connection() as conn, conn.transaction():

@@ -16,6 +16,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
+from tierline import tracing
 from tierline.app import App
 from tierline.database import Conn
 from tierline.lifecycle import Shutdown, SideTasks
@@ -32,6 +33,7 @@ class Tier(ABC):
     replica, run until stopped, drain, release the budget claim."""
 
     def __init__(self, app: App, settings: Settings, replica: Replica) -> None:
+        tracing.setup()  # the application's module, loaded by now, set up OpenTelemetry or not
         self.app = app
         self.settings = settings
         self.replica = replica

@@ -10,6 +10,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from tierline import tracing
 from tierline.app import App
 from tierline.lifecycle import QuietServer, listen_socket
 from tierline.logs import get_logger
@@ -62,7 +63,7 @@ class WebTier(Tier):
         )
         self.server = QuietServer(
             uvicorn.Config(
-                self.host or api,
+                self.host or tracing.instrument(api),  # a span per request, when tracing is on
                 log_level="warning",
                 access_log=False,
                 lifespan="off",

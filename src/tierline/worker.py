@@ -20,7 +20,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from tierline import metrics
+from tierline import metrics, tracing
 from tierline.app import App
 from tierline.backoff import full_jitter
 from tierline.context import JobContext
@@ -185,6 +185,14 @@ class Worker:
     async def claim(self, limit: int) -> int:
         if limit <= 0:
             return 0
+        with tracing.span("tierline.claim", {"tierline.claim.limit": limit}) as span:
+            rows = await self._claim_rows(limit)
+            tracing.set_attributes(span, **{"tierline.claim.claimed": len(rows)})
+        for row in rows:
+            self._start(row)
+        return len(rows)
+
+    async def _claim_rows(self, limit: int) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(QUERIES["claim_plan"])  # the index walk, whatever the stats
             cur = await conn.execute(
@@ -198,10 +206,7 @@ class Worker:
                     "skip": [r.job_id for r in self.running.values() if r.done],
                 },
             )
-            rows = await cur.fetchall()
-        for row in rows:
-            self._start(row)
-        return len(rows)
+            return await cur.fetchall()
 
     def _start(self, row: dict[str, Any]) -> None:
         job_id, attempt, queue = row["id"], row["attempt"], row["queue"]
@@ -227,6 +232,24 @@ class Worker:
     # -- running ------------------------------------------------------------------------------
     async def _execute(self, run: Running, row: dict[str, Any]) -> None:
         started = time.perf_counter()
+        attributes = {"tierline.job.id": run.job_id, "tierline.queue": run.queue}
+        attributes |= {"tierline.kind": run.kind, "tierline.attempt": run.attempt}
+        with tracing.span("tierline.job", attributes, parent=row.get("trace_context")) as span:
+            finish = await self._attempt(run, row)
+            tracing.set_attributes(span, **{"tierline.outcome": finish.state})
+        # (A job that succeeded before it reacted to a cancel request keeps its result:
+        # the work is done.)
+        finish.duration_s = time.perf_counter() - started
+        run.done = True
+        self.flusher.finish(finish)
+        thread = self.executors.overrun(run.job_id)
+        if thread is None:
+            self._free(run)
+        else:  # Python cannot stop it: the slot is free when it returns
+            thread.add_done_callback(lambda _: self._free(run))
+
+    async def _attempt(self, run: Running, row: dict[str, Any]) -> Finish:
+        """Run the handler once; what became of the attempt."""
         finish = Finish(run.job_id, run.attempt, run.queue, run.kind, "succeeded")
         try:
             handler = self.app.handler(run.kind)
@@ -259,16 +282,7 @@ class Worker:
             }
         except Exception as exc:  # a TimeoutError too: the executor's says what was done
             finish = self._failure(run, row, exc, finish)
-        # (A job that succeeded before it reacted to a cancel request keeps its result:
-        # the work is done.)
-        finish.duration_s = time.perf_counter() - started
-        run.done = True
-        self.flusher.finish(finish)
-        thread = self.executors.overrun(run.job_id)
-        if thread is None:
-            self._free(run)
-        else:  # Python cannot stop it: the slot is free when it returns
-            thread.add_done_callback(lambda _: self._free(run))
+        return finish
 
     def _free(self, run: Running) -> None:
         if self.running.get(run.job_id) is run:

@@ -13,11 +13,12 @@ WITH v AS (
                     now() + make_interval(secs => %(delay_s)s::float8)) AS run_at
 ), ins AS (
     INSERT INTO tierline.jobs
-        (queue, kind, args, state, priority, run_at, max_attempts, timeout_s, idempotency_key)
+        (queue, kind, args, state, priority, run_at, max_attempts, timeout_s, idempotency_key,
+         trace_context)
     SELECT %(queue)s, %(kind)s, %(args)s,
            CASE WHEN v.run_at > now() THEN 'scheduled' ELSE 'available' END,
            %(priority)s, coalesce(v.run_at, now()), %(max_attempts)s,
-           %(timeout_s)s, %(idempotency_key)s
+           %(timeout_s)s, %(idempotency_key)s, %(trace_context)s
     FROM v
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
@@ -50,19 +51,21 @@ WITH u AS (
            e.queue, e.kind, coalesce(e.args, '{}') AS args,
            coalesce(e.priority, 0) AS priority,
            coalesce(e.run_at, now() + make_interval(secs => e.delay_s)) AS run_at,
-           e.max_attempts, e.timeout_s, e.idempotency_key
+           e.max_attempts, e.timeout_s, e.idempotency_key, e.trace_context
     FROM ROWS FROM (jsonb_to_recordset(%(batch)s::jsonb) AS (
         queue text, kind text, args jsonb, priority smallint, run_at timestamptz,
-        delay_s float8, max_attempts int, timeout_s float8, idempotency_key text
+        delay_s float8, max_attempts int, timeout_s float8, idempotency_key text,
+        trace_context jsonb
     )) WITH ORDINALITY AS e(queue, kind, args, priority, run_at, delay_s, max_attempts,
-                           timeout_s, idempotency_key, ord)
+                           timeout_s, idempotency_key, trace_context, ord)
 ), ins AS (
     INSERT INTO tierline.jobs
         (id, queue, kind, args, state, priority, run_at, max_attempts, timeout_s,
-         idempotency_key)
+         idempotency_key, trace_context)
     SELECT id, queue, kind, args,
            CASE WHEN run_at > now() THEN 'scheduled' ELSE 'available' END,
-           priority, coalesce(run_at, now()), max_attempts, timeout_s, idempotency_key
+           priority, coalesce(run_at, now()), max_attempts, timeout_s, idempotency_key,
+           trace_context
     FROM u ORDER BY ord
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
@@ -129,7 +132,8 @@ WITH picked AS (
         started_at = now(), updated_at = now(), event_seq = j.event_seq + 1
     FROM picked WHERE j.id = picked.id
     RETURNING j.id, j.queue, j.kind, j.args, j.attempt, j.max_attempts, j.timeout_s,
-              j.priority, j.run_at, j.created_at, j.event_seq, now() AS claimed_at
+              j.priority, j.run_at, j.created_at, j.event_seq, j.trace_context,
+              now() AS claimed_at
 ), ev AS (
     INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
     SELECT id, event_seq, 'started', queue, kind,

@@ -44,7 +44,7 @@ GRANT SELECT ON tierline.jobs, tierline.job_events, tierline.replicas, tierline.
     TO {role};
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA tierline TO {role};
 GRANT INSERT (id, queue, kind, args, state, priority, run_at, max_attempts, timeout_s,
-              idempotency_key)
+              idempotency_key, trace_context)
     ON tierline.jobs TO {role};
 GRANT INSERT (job_id, seq, type, queue, kind, data) ON tierline.job_events TO {role};
 GRANT INSERT (id, tier, host, pid, version, lease_s, requested_pool, pool_max, claimed,

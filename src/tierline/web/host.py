@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tierline import tracing
 from tierline.errors import AppLoadError
 from tierline.logs import get_logger
 from tierline.settings import env_name
@@ -82,13 +83,13 @@ class Host:
             from tierline.web.connections import PoolBusy
 
             app.add_exception_handler(PoolBusy, _pool_busy)  # our JSON error shape
-        self.tierline_api = tierline_api
+        self.tierline_api = tracing.instrument(tierline_api)
         self.prefix = prefix
         self.runtime = runtime
         self.user_app = app
         self.lifespan: LifespanManager | None = None  # made on the event loop, in start()
         self.state: dict[str, Any] = {}  # what the lifespan put in its scope's state
-        self.app = HttpMetrics(app, recorder=runtime.load.record)
+        self.app = HttpMetrics(tracing.instrument(app), recorder=runtime.load.record)
         self.started = False
         self._in_lifespan = False
 
