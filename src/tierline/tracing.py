@@ -61,14 +61,22 @@ def carrier() -> dict[str, str] | None:
     return headers or None
 
 
-@contextlib.contextmanager
 def span(
     name: str, attributes: Mapping[str, Any] | None = None, parent: Mapping[str, str] | None = None
-) -> Iterator[Any]:
+) -> contextlib.AbstractContextManager[Any]:
     """A span (``None`` when tracing is off); ``parent``: a stored trace context."""
     if not active():
-        yield None
-        return
+        return _NO_SPAN
+    return _span(name, attributes, parent)
+
+
+_NO_SPAN = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _span(
+    name: str, attributes: Mapping[str, Any] | None, parent: Mapping[str, str] | None
+) -> Iterator[Any]:
     context = None
     if parent:
         from opentelemetry import propagate
