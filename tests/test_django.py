@@ -128,6 +128,18 @@ def test_context_async_tasks_and_the_orm_in_the_worker(worker: Cluster) -> None:
     assert counted.return_value >= 1 and counted.task.queue_name == "reports"
 
 
+def test_max_attempts_lets_a_task_run_again(worker: Cluster) -> None:
+    from tests.django_project.tasks import flaky
+    from tierline.contrib.django.framework import TaskResultStatus
+
+    once = finished(flaky.enqueue(), worker)  # the default backend: one attempt
+    assert once.status == TaskResultStatus.FAILED
+    assert once.errors[0].exception_class_path == "tierline.outcomes.Retry"
+    twice = finished(flaky.using(backend="retrying").enqueue(), worker)
+    assert twice.status == TaskResultStatus.SUCCESSFUL, twice.errors
+    assert (twice.return_value, twice.attempts, twice.task.backend) == (2, 2, "retrying")
+
+
 def test_queue_priority_and_run_after_map_onto_the_job(worker: Cluster) -> None:
     from django.utils import timezone
 

@@ -27,5 +27,9 @@ TASKS = {
     "default": {
         "BACKEND": "tierline.contrib.django.TierlineBackend",
         "QUEUES": ["default", "reports"],
-    }
+    },
+    "retrying": {  # the same queue, tasks run up to twice
+        "BACKEND": "tierline.contrib.django.TierlineBackend",
+        "OPTIONS": {"MAX_ATTEMPTS": 2},
+    },
 }

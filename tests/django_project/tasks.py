@@ -9,6 +9,7 @@ from typing import Any
 
 from django.db import connection
 
+from tierline import Retry
 from tierline.contrib.django.framework import task
 
 
@@ -44,3 +45,11 @@ def note(text: str) -> int:
         cur.execute("SELECT count(*) FROM django_notes")
         (count,) = cur.fetchone()
     return int(count)
+
+
+@task(takes_context=True)
+def flaky(context: Any) -> int:
+    """Asks for another attempt the first time; answers the attempt that succeeded."""
+    if context.attempt == 1:
+        raise Retry(0.1, "not yet")
+    return int(context.attempt)
