@@ -10,6 +10,7 @@ from tierline.context import JobContext
 from tierline.errors import TierlineError
 from tierline.jobs import Job, JobRequest, State
 from tierline.outcomes import Cancel, Retry
+from tierline.unique import Unique
 
 __all__ = [
     "App",
@@ -20,5 +21,6 @@ __all__ = [
     "Retry",
     "State",
     "TierlineError",
+    "Unique",
     "__version__",
 ]

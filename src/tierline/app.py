@@ -16,13 +16,16 @@ from tierline import enqueue as enqueueing
 from tierline import tracing
 from tierline.enqueue import AnyConnection
 from tierline.errors import InvalidJob, UnknownKind
-from tierline.executors import EXECUTOR_NAMES, ExecutorName
+from tierline.executors import ExecutorName, check_executor
 from tierline.handles import ContextJobHandle, JobHandle
 from tierline.handles import Options as HandleOptions
 from tierline.jobs import Job, JobRequest, json_size
+from tierline.limits import QueueSpec
 from tierline.producer import Producer
 from tierline.queue import MAX_ARGS_BYTES, Queue
+from tierline.schedules import Schedule
 from tierline.settings import Settings
+from tierline.unique import UniqueOption, key_parts, resolve
 
 if TYPE_CHECKING:
     from tierline.context import JobContext
@@ -45,6 +48,7 @@ class Handler:
     wants_context: bool
     model: type[BaseModel]
     executor: ExecutorName | None = None  # None: TIERLINE_WORKER_EXECUTOR's (executors/)
+    unique: UniqueOption = None  # the kind's default (unique.py)
 
     def validate(self, args: dict[str, Any]) -> dict[str, Any]:
         """Check ``args`` against the handler's signature; return them JSON-ready."""
@@ -79,6 +83,8 @@ class App:
         migrations, applied after Tierline's by ``tierline migrate``."""
         self.name = name
         self.handlers: dict[str, Handler] = {}
+        self.queues: dict[str, QueueSpec] = {}  # app.queue(...): limits declared in code
+        self.schedules: dict[str, Schedule] = {}  # app.schedule(...)
         self.database_url = database_url
         self.migrations = Path(migrations) if migrations is not None else None
         self._settings: Settings | None = None
@@ -96,6 +102,7 @@ class App:
         timeout: float | None = None,
         uses_db: bool = False,
         executor: ExecutorName | None = None,
+        unique: UniqueOption = None,
     ) -> Register:
         """Register a handler; returns its typed handle (``handles.py``). ``kind``
         defaults to the function's name.
@@ -104,8 +111,12 @@ class App:
         worker's pool must have one per concurrent job.
         ``executor``: where a plain function runs, ``"thread"`` or ``"process"`` (a
         child process, killed on timeout); default ``TIERLINE_WORKER_EXECUTOR``.
+        ``unique``: at most one such job at a time (``True``: by kind and all arguments;
+        ``tierline.Unique(...)`` for chosen arguments or a period); an enqueue may override.
         """
-        options = JobOptions(kind, queue, priority, max_attempts, timeout, uses_db, executor)
+        options = JobOptions(
+            kind, queue, priority, max_attempts, timeout, uses_db, executor, unique
+        )
         return Register(self, options)
 
     def add(self, options: JobOptions, func: Callable[..., Any]) -> Handler:
@@ -120,7 +131,7 @@ class App:
         )  # same rules as enqueue
         if name in self.handlers:
             raise ValueError(f"job kind {name!r} is registered twice")
-        _check_executor(name, func, options)
+        check_executor(name, func, options.executor, options.uses_db)
         model, wants_context = _signature_model(name, func)
         handler = self.handlers[name] = Handler(
             kind=name,
@@ -134,6 +145,7 @@ class App:
             wants_context=wants_context,
             model=model,
             executor=options.executor,
+            unique=options.unique,
         )
         return handler
 
@@ -168,8 +180,10 @@ class App:
         if too_big:
             raise InvalidJob(f"args are larger than {max_args_bytes} bytes")
         args = handler.validate(request.args)
+        queue = request.queue or handler.queue
+        unique = resolve(handler.unique if request.unique is None else request.unique)
         return {
-            "queue": request.queue or handler.queue,
+            "queue": queue,
             "kind": request.kind,
             "args": args,
             "priority": handler.priority if request.priority is None else request.priority,
@@ -180,7 +194,49 @@ class App:
             "timeout_s": request.timeout_s if request.timeout_s is not None else handler.timeout,
             "idempotency_key": request.idempotency_key,
             "trace_context": tracing.carrier(),  # None unless OpenTelemetry is configured
+            **key_parts(unique, request.kind, queue, args),
         }
+
+    # -- flow control ---------------------------------------------------------------------
+    def queue(
+        self,
+        name: str,
+        *,
+        max_running: int | None = None,
+        rate_limit: str | None = None,
+        partition_by: str | None = None,
+    ) -> QueueSpec:
+        """Declare a queue's cluster-wide limits (``limits.py``): at most ``max_running``
+        of its jobs at once, at most ``rate_limit`` (``"20/s"``, ``"100/m"``) started,
+        per value of the argument ``partition_by`` when given. Workers store them at
+        start; a live change (``PATCH /v1/queues/{name}``) wins until reset."""
+        spec = QueueSpec.make(name, max_running, rate_limit, partition_by)
+        self.queues[name] = spec
+        return spec
+
+    def schedule(
+        self,
+        job: Any,
+        *,
+        cron: str | None = None,
+        every_s: float | None = None,
+        args: dict[str, Any] | None = None,
+        name: str | None = None,
+        timezone: str = "UTC",
+        catch_up: bool = True,
+    ) -> Schedule:
+        """Enqueue ``job`` (a handle or a kind) on a schedule (``schedules.py``): a cron
+        expression (5 fields, or 6 with seconds first) in ``timezone``, or every
+        ``every_s`` seconds. One job per slot however many workers run; after downtime
+        the missed slots make one run (``catch_up``) or none."""
+        kind = job if isinstance(job, str) else str(getattr(job, "kind", ""))
+        schedule = Schedule.make(kind, cron, every_s, args or {}, name, timezone, catch_up)
+        if schedule.name in self.schedules:
+            raise ValueError(f"schedule {schedule.name!r} is declared twice; give name=")
+        if kind in self.handlers:
+            self.handlers[kind].validate(schedule.args)
+        self.schedules[schedule.name] = schedule
+        return schedule
 
     # -- enqueue --------------------------------------------------------------------------
     async def enqueue(
@@ -265,6 +321,7 @@ class JobOptions(NamedTuple):
     timeout: float | None
     uses_db: bool
     executor: ExecutorName | None = None
+    unique: UniqueOption = None
 
 
 class Register:
@@ -290,27 +347,6 @@ def _async(connection: AnyConnection) -> psycopg.AsyncConnection[Any]:
     if not isinstance(connection, psycopg.AsyncConnection):
         raise TypeError("enqueue takes a psycopg.AsyncConnection; use enqueue_sync instead")
     return connection
-
-
-def _check_executor(kind: str, func: Callable[..., Any], options: JobOptions) -> None:
-    """Refuse, at registration, what the process executor cannot do."""
-    if options.executor is None:
-        return
-    if options.executor not in EXECUTOR_NAMES:
-        raise ValueError(f"job {kind!r}: executor must be 'thread' or 'process'")
-    if options.executor != "process":
-        return
-    if inspect.iscoroutinefunction(func):
-        raise ValueError(
-            f"job {kind!r}: executor='process' runs plain functions; an async def handler "
-            "runs on the worker's event loop"
-        )
-    if options.uses_db:
-        raise ValueError(
-            f"job {kind!r}: uses_db=True cannot go with executor='process': the worker's "
-            "pool (ctx.connection()) cannot cross into a child process; use "
-            "executor='thread', or connect from the handler itself"
-        )
 
 
 def _signature_model(kind: str, func: Callable[..., Any]) -> tuple[type[BaseModel], bool]:

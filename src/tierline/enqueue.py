@@ -63,7 +63,9 @@ def one(registry: Registry, request: JobRequest, max_args_bytes: int) -> Steps[t
     for _ in range(3):
         # With a key, running the insert again is safe even if the first one committed.
         rows = yield Statement(
-            QUERIES["enqueue"], params, repeatable=row["idempotency_key"] is not None
+            QUERIES["enqueue"],
+            params,
+            repeatable=(row["idempotency_key"] or row.get("unique_key")) is not None,
         )
         found = rows[0] if rows else None
         if found:  # empty only when the same key was committed concurrently
@@ -199,17 +201,23 @@ class _Undo(Exception):
 
 # -- helpers --------------------------------------------------------------------------------
 def _dedupe(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
-    """A key repeated inside the batch is one job: later copies map to the first."""
-    first_of: dict[str, int] = {}
+    """A key (idempotency or unique) repeated inside the batch is one job: later copies
+    map to the first."""
+    first_of: dict[tuple[Any, ...], int] = {}
     unique: list[dict[str, Any]] = []
     position: list[int] = []
     for row in rows:
-        key = row["idempotency_key"]
-        if key is not None and key in first_of:
-            position.append(first_of[key])
+        keys: list[tuple[Any, ...]] = []
+        if row["idempotency_key"] is not None:
+            keys.append(("idempotency", row["idempotency_key"]))
+        if row.get("unique_key") is not None:
+            keys.append(("unique", row["unique_key"], row.get("unique_period_s")))
+        seen = next((first_of[k] for k in keys if k in first_of), None)
+        if seen is not None:
+            position.append(seen)
             continue
-        if key is not None:
-            first_of[key] = len(unique)
+        for k in keys:
+            first_of[k] = len(unique)
         position.append(len(unique))
         unique.append(row)
     return unique, position

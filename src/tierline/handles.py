@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from tierline.app import App
     from tierline.context import JobContext
     from tierline.enqueue import AnyConnection
+    from tierline.unique import UniqueOption
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -40,6 +41,7 @@ class Options:
     idempotency_key: str | None = None
     max_attempts: int | None = None
     timeout_s: float | None = None
+    unique: UniqueOption = None
     connection: AnyConnection | None = None
 
     def request(self) -> dict[str, Any]:
@@ -82,6 +84,7 @@ class _Handle(Generic[P, R]):
         idempotency_key: str | None = None,
         max_attempts: int | None = None,
         timeout_s: float | None = None,
+        unique: UniqueOption = None,
         connection: AnyConnection | None = None,
     ) -> Self:
         """A copy that enqueues with these options (the others as they were)."""
@@ -93,6 +96,7 @@ class _Handle(Generic[P, R]):
             "idempotency_key": idempotency_key,
             "max_attempts": max_attempts,
             "timeout_s": timeout_s,
+            "unique": unique,
             "connection": connection,
         }
         changes = {k: v for k, v in given.items() if v is not None}

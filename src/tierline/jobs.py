@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tierline.unique import Unique
+
 QUEUE_PATTERN = r"^[A-Za-z0-9_.\-]{1,100}$"
 KIND_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"
 
@@ -42,6 +44,12 @@ class JobRequest(BaseModel):
     timeout_s: float | None = Field(None, gt=0, le=7 * 86400)
     idempotency_key: str | None = Field(
         None, min_length=1, max_length=255, description="Enqueue at most once per key."
+    )
+    unique: bool | Unique | None = Field(
+        None,
+        description="At most one such job while one waits or runs (true: by kind and all "
+        "arguments), or within a period; a duplicate answers the existing job (200). "
+        "Default: the handler's.",
     )
 
     @field_validator("run_at")

@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from tierline import metrics, tracing
 from tierline.app import App
 from tierline.backoff import full_jitter
+from tierline.claims import Claims
 from tierline.context import JobContext
 from tierline.database import Conn, describe_error
 from tierline.executors.children import RemoteError
@@ -80,7 +81,8 @@ class Worker:
         self.flusher = Flusher(
             pool, owner, max_events=settings.max_events_per_job, on_acked=self._acked
         )
-        self.maintenance = Maintenance(settings, pool)
+        self.maintenance = Maintenance(settings, pool, app=app)
+        self.claims = Claims(pool, owner, self.queues, settings.job_lease_s)
         self.executors = Executors(app, settings)
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -162,7 +164,7 @@ class Worker:
             if not self._more:
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=poll)
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.claims.wait_s(poll))
                 except TimeoutError:
                     pass
                 if not self.claiming:
@@ -193,20 +195,9 @@ class Worker:
         return len(rows)
 
     async def _claim_rows(self, limit: int) -> list[dict[str, Any]]:
-        async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute(QUERIES["claim_plan"])  # the index walk, whatever the stats
-            cur = await conn.execute(
-                QUERIES["claim"],
-                {
-                    "queues": self.queues,
-                    "limit": limit,
-                    "owner": self.owner,
-                    "lease_s": self.settings.job_lease_s,
-                    # an overrunning thread's job: its retry must not run beside it
-                    "skip": [r.job_id for r in self.running.values() if r.done],
-                },
-            )
-            return await cur.fetchall()
+        # An overrunning thread's job: its retry must not run beside it.
+        skip = [r.job_id for r in self.running.values() if r.done]
+        return await self.claims.take(limit, skip)  # claims.py: open and limited queues
 
     def _start(self, row: dict[str, Any]) -> None:
         job_id, attempt, queue = row["id"], row["attempt"], row["queue"]
@@ -322,6 +313,8 @@ class Worker:
             if self.held.get(f.job_id) == f.attempt:
                 del self.held[f.job_id]
         self.completed += len(finishes)
+        if any(self.claims.limits(f.queue) for f in finishes):
+            self.wake()  # room under a queue's max_running: claim it now
 
     # -- heartbeat ----------------------------------------------------------------------------
     async def renew_forever(self) -> None:

@@ -15,7 +15,32 @@ stays light: a child process imports it before anything else.
 
 from __future__ import annotations
 
-from typing import Literal
+import inspect
+from collections.abc import Callable
+from typing import Any, Literal
 
 ExecutorName = Literal["thread", "process"]
 EXECUTOR_NAMES: tuple[ExecutorName, ...] = ("thread", "process")
+
+
+def check_executor(
+    kind: str, func: Callable[..., Any], executor: ExecutorName | None, uses_db: bool
+) -> None:
+    """Refuse, at registration (``@app.job``), what the process executor cannot do."""
+    if executor is None:
+        return
+    if executor not in EXECUTOR_NAMES:
+        raise ValueError(f"job {kind!r}: executor must be 'thread' or 'process'")
+    if executor != "process":
+        return
+    if inspect.iscoroutinefunction(func):
+        raise ValueError(
+            f"job {kind!r}: executor='process' runs plain functions; an async def handler "
+            "runs on the worker's event loop"
+        )
+    if uses_db:
+        raise ValueError(
+            f"job {kind!r}: uses_db=True cannot go with executor='process': the worker's "
+            "pool (ctx.connection()) cannot cross into a child process; use "
+            "executor='thread', or connect from the handler itself"
+        )

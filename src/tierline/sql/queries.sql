@@ -5,22 +5,28 @@
 -- the NOTIFY protocol in `tierline.notifications`.
 
 -- name: enqueue
--- One job; with an idempotency key that exists already, nothing is inserted and the
--- existing job is returned with created = false. A delay counts from the database's
--- now(), never from the enqueuing replica's clock.
+-- One job; with an idempotency key that exists already, or a unique key held by a job in
+-- the key's states (unique.py), nothing is inserted and the existing job is returned
+-- with created = false. A delay counts from the database's now(), never from the
+-- enqueuing replica's clock; so does a unique key's period.
 WITH v AS (
     SELECT coalesce(%(run_at)s::timestamptz,
-                    now() + make_interval(secs => %(delay_s)s::float8)) AS run_at
+                    now() + make_interval(secs => %(delay_s)s::float8)) AS run_at,
+           CASE WHEN %(unique_period_s)s::float8 IS NULL THEN %(unique_key)s::text
+                ELSE %(unique_key)s::text || ':'
+                     || floor(extract(epoch FROM now()) / %(unique_period_s)s::float8)::bigint
+           END AS unique_key
 ), ins AS (
     INSERT INTO tierline.jobs
         (queue, kind, args, state, priority, run_at, max_attempts, timeout_s, idempotency_key,
-         trace_context)
+         trace_context, unique_key, unique_states)
     SELECT %(queue)s, %(kind)s, %(args)s,
            CASE WHEN v.run_at > now() THEN 'scheduled' ELSE 'available' END,
            %(priority)s, coalesce(v.run_at, now()), %(max_attempts)s,
-           %(timeout_s)s, %(idempotency_key)s, %(trace_context)s
+           %(timeout_s)s, %(idempotency_key)s, %(trace_context)s, v.unique_key,
+           %(unique_states)s::text[]
     FROM v
-    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    ON CONFLICT DO NOTHING  -- the idempotency key's index or the unique key's
     RETURNING *
 ), ev AS (
     INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
@@ -34,9 +40,12 @@ WITH v AS (
 )
 SELECT ins.*, true AS created FROM ins WHERE (SELECT count(*) FROM notified) >= 0
 UNION ALL
-SELECT j.*, false AS created FROM tierline.jobs j
-WHERE %(idempotency_key)s::text IS NOT NULL AND j.idempotency_key = %(idempotency_key)s
-  AND NOT EXISTS (SELECT 1 FROM ins);
+(SELECT j.*, false AS created FROM tierline.jobs j, v
+ WHERE NOT EXISTS (SELECT 1 FROM ins)
+   AND ((%(idempotency_key)s::text IS NOT NULL AND j.idempotency_key = %(idempotency_key)s)
+        OR (v.unique_key IS NOT NULL AND j.unique_key = v.unique_key
+            AND j.state = ANY (j.unique_states)))
+ LIMIT 1);
 
 -- name: enqueue_batch
 -- Many jobs in one statement; rows come back in input order (`ord`), slim: what a new
@@ -46,28 +55,34 @@ WHERE %(idempotency_key)s::text IS NOT NULL AND j.idempotency_key = %(idempotenc
 -- within one batch are removed by the caller; a key committed concurrently leaves a row
 -- out and the caller retries the whole transaction. An existing job is looked up by its
 -- key only for a row that was not inserted (an index probe, never a scan of the table).
+-- Unique keys (unique.py) work the same way.
 WITH u AS (
     SELECT e.ord, nextval(pg_get_serial_sequence('tierline.jobs', 'id')) AS id,
            e.queue, e.kind, coalesce(e.args, '{}') AS args,
            coalesce(e.priority, 0) AS priority,
            coalesce(e.run_at, now() + make_interval(secs => e.delay_s)) AS run_at,
-           e.max_attempts, e.timeout_s, e.idempotency_key, e.trace_context
+           e.max_attempts, e.timeout_s, e.idempotency_key, e.trace_context,
+           CASE WHEN e.unique_period_s IS NULL THEN e.unique_key
+                ELSE e.unique_key || ':'
+                     || floor(extract(epoch FROM now()) / e.unique_period_s)::bigint
+           END AS unique_key, e.unique_states
     FROM ROWS FROM (jsonb_to_recordset(%(batch)s::jsonb) AS (
         queue text, kind text, args jsonb, priority smallint, run_at timestamptz,
         delay_s float8, max_attempts int, timeout_s float8, idempotency_key text,
-        trace_context jsonb
+        trace_context jsonb, unique_key text, unique_period_s float8, unique_states text[]
     )) WITH ORDINALITY AS e(queue, kind, args, priority, run_at, delay_s, max_attempts,
-                           timeout_s, idempotency_key, trace_context, ord)
+                           timeout_s, idempotency_key, trace_context, unique_key,
+                           unique_period_s, unique_states, ord)
 ), ins AS (
     INSERT INTO tierline.jobs
         (id, queue, kind, args, state, priority, run_at, max_attempts, timeout_s,
-         idempotency_key, trace_context)
+         idempotency_key, trace_context, unique_key, unique_states)
     SELECT id, queue, kind, args,
            CASE WHEN run_at > now() THEN 'scheduled' ELSE 'available' END,
            priority, coalesce(run_at, now()), max_attempts, timeout_s, idempotency_key,
-           trace_context
+           trace_context, unique_key, unique_states
     FROM u ORDER BY ord
-    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    ON CONFLICT DO NOTHING  -- the idempotency key's index or the unique key's
     RETURNING *
 ), ev AS (
     INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
@@ -89,8 +104,11 @@ FROM u
 LEFT JOIN ins ON ins.id = u.id
 LEFT JOIN LATERAL (
     SELECT j.id, j.state, j.run_at, j.created_at FROM tierline.jobs j
-    WHERE ins.id IS NULL AND u.idempotency_key IS NOT NULL
-      AND j.idempotency_key = u.idempotency_key
+    WHERE ins.id IS NULL
+      AND ((u.idempotency_key IS NOT NULL AND j.idempotency_key = u.idempotency_key)
+           OR (u.unique_key IS NOT NULL AND j.unique_key = u.unique_key
+               AND j.state = ANY (j.unique_states)))
+    LIMIT 1
 ) e ON true
 WHERE (SELECT count(*) FROM notified) >= 0
 ORDER BY u.ord;
@@ -113,6 +131,9 @@ SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off;
 -- stops after `limit` rows, and the best of them across queues are taken.
 -- `skip`: jobs this replica must not start (usually none): those whose finished
 -- attempt's thread still runs here (executors/thread.py), so a retry never runs beside it.
+-- Queues with limits or paused (a row in `tierline.queues` that says so) are left to
+-- `claim_limited` (claims.py): one primary-key probe per queue, whatever the worker's
+-- routing table believes, so a pause or a new limit holds from its commit on.
 WITH picked AS (
     SELECT j.id FROM unnest(%(queues)s::text[]) AS q(name)
     CROSS JOIN LATERAL (
@@ -123,6 +144,10 @@ WITH picked AS (
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     ) j
+    WHERE NOT EXISTS (
+        SELECT 1 FROM tierline.queues c
+        WHERE c.name = q.name
+          AND (c.paused OR c.max_running IS NOT NULL OR c.rate_count IS NOT NULL))
     ORDER BY j.priority DESC, j.run_at, j.id
     LIMIT %(limit)s
 ), claimed AS (

@@ -44,8 +44,12 @@ GRANT SELECT ON tierline.jobs, tierline.job_events, tierline.replicas, tierline.
     TO {role};
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA tierline TO {role};
 GRANT INSERT (id, queue, kind, args, state, priority, run_at, max_attempts, timeout_s,
-              idempotency_key, trace_context)
+              idempotency_key, trace_context, unique_key, unique_states)
     ON tierline.jobs TO {role};
+-- Queue limits and pause: workers store the code's declarations, the web tier changes
+-- them live (PATCH /v1/queues/NAME); schedules are the workers' (limits.py, schedules.py).
+GRANT SELECT ON tierline.queues, tierline.schedules, tierline.queue_starts TO {role};
+GRANT INSERT, UPDATE ON tierline.queues TO {role};
 GRANT INSERT (job_id, seq, type, queue, kind, data) ON tierline.job_events TO {role};
 GRANT INSERT (id, tier, host, pid, version, lease_s, requested_pool, pool_max, claimed,
               ready, reason, stats)
@@ -71,6 +75,8 @@ GRANT UPDATE (state, attempt, run_at, lease_owner, lease_expires_at, started_at,
               finished_at, event_seq, progress, result, error, updated_at)
     ON tierline.jobs TO {role};
 GRANT DELETE ON tierline.jobs, tierline.job_events, tierline.replicas TO {role};
+GRANT INSERT, DELETE ON tierline.queue_starts TO {role};
+GRANT INSERT, UPDATE ON tierline.schedules TO {role};
 
 -- name: roles_rls
 -- Idempotent: the allow-all policies are replaced in the same transaction.
