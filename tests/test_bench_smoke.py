@@ -138,3 +138,10 @@ def test_isolation_app_mix(server_url: str, out: Path) -> None:
     w = r["workers"]
     # In the tiny run the jobs POST /reports enqueued may fill the phase before the backlog.
     assert w["jobs_finished_during_phase"] + w["post_reports_jobs_finished_during_phase"] > 0
+
+
+def test_cpu(server_url: str, out: Path) -> None:
+    r = run_bench("cpu", server_url, out)
+    assert set(r["median_rate_per_s"]) == {"thread", "process, 1 child", "process, 2 children"}
+    assert all(run["complete"] for run in r["runs"] + r["overhead_runs"])
+    assert set(r["noop_handler_ms"]) == {"thread", "process"}
