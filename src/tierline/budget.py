@@ -8,7 +8,7 @@ cores they cap pools by come from ``cores.py``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tierline.cores import Cores
 from tierline.settings import Settings, Tier, env_name
@@ -29,16 +29,30 @@ class Cap:
 
 @dataclass(frozen=True)
 class PoolPlan:
+    """A pool's size. ``pool``: the settings it comes from (``web_db_pool``,
+    ``worker_db_pool``, ``web_db_read_pool``: ``TIERLINE_<POOL>_MIN/MAX``); ``listen``:
+    the connections claimed beside it on the same server (the LISTEN connection on the
+    primary; none on a read replica)."""
+
     tier: Tier
     requested_min: int
     requested_max: int
     min_size: int
     max_size: int
     caps: list[Cap] = field(default_factory=list)
+    pool: str = ""
+    listen: int = LISTEN_CONNECTIONS
+
+    @property
+    def setting(self) -> str:
+        return self.pool or f"{self.tier}_db_pool"
 
     @property
     def claimed(self) -> int:
-        return self.max_size + LISTEN_CONNECTIONS
+        return self.max_size + self.listen
+
+    def sized(self, min_size: int, max_size: int, caps: list[Cap]) -> PoolPlan:
+        return replace(self, min_size=min_size, max_size=max_size, caps=caps)
 
 
 @dataclass(frozen=True)
@@ -48,11 +62,19 @@ class Budget:
 
 
 def budget(
-    settings: Settings, max_connections: int, superuser_reserved: int, server_reserved: int = 0
+    settings: Settings,
+    max_connections: int,
+    superuser_reserved: int,
+    server_reserved: int = 0,
+    *,
+    read: bool = False,
 ) -> Budget:
-    """The global budget: the explicit setting, or what the server allows minus reserves."""
-    if settings.db_max_connections is not None:
-        return Budget(settings.db_max_connections, env_name("db_max_connections"))
+    """A server's budget: the explicit setting, or what the server allows minus reserves.
+    ``read``: the read replica's (``TIERLINE_DB_READ_MAX_CONNECTIONS``), else the primary's
+    (``TIERLINE_DB_MAX_CONNECTIONS``)."""
+    explicit = "db_read_max_connections" if read else "db_max_connections"
+    if getattr(settings, explicit) is not None:
+        return Budget(getattr(settings, explicit), env_name(explicit))
     total = (
         max_connections - superuser_reserved - server_reserved - settings.db_reserved_connections
     )
@@ -68,14 +90,27 @@ def budget(
 def cpu_capped_pool(settings: Settings, tier: Tier, cores: Cores) -> PoolPlan:
     """The pool after the CPU cap, before the budget is consulted."""
     req_min, req_max = settings.pool_bounds(tier)
+    return _cpu_capped(PoolPlan(tier, req_min, req_max, req_min, req_max), settings, cores)
+
+
+def read_pool(settings: Settings, cores: Cores) -> PoolPlan:
+    """The web tier's read pool on the replica, after the CPU cap: the same cap as the
+    primary's pool (more connections than cores x factor only queue), counted against
+    the replica server's budget, with no LISTEN connection beside it."""
+    lo, hi = settings.web_db_read_pool_min, settings.web_db_read_pool_max
+    plan = PoolPlan("web", lo, hi, lo, hi, pool="web_db_read_pool", listen=0)
+    return _cpu_capped(plan, settings, cores)
+
+
+def _cpu_capped(plan: PoolPlan, settings: Settings, cores: Cores) -> PoolPlan:
     caps: list[Cap] = []
-    size = req_max
+    size = plan.requested_max
     cpu_cap = max(1, math.floor(cores.usable * settings.db_pool_cpu_factor))
     if size > cpu_cap:
         caps.append(
             Cap(
-                env_name(f"{tier}_db_pool_max"),
-                req_max,
+                env_name(f"{plan.setting}_max"),
+                plan.requested_max,
                 cpu_cap,
                 f"{cores.usable} usable core{'' if cores.usable == 1 else 's'} "
                 f"({cores.source}) x "
@@ -83,7 +118,7 @@ def cpu_capped_pool(settings: Settings, tier: Tier, cores: Cores) -> PoolPlan:
             )
         )
         size = cpu_cap
-    return _with_min(PoolPlan(tier, req_min, req_max, min(req_min, size), size, caps))
+    return _with_min(plan.sized(min(plan.requested_min, size), size, caps))
 
 
 def fit_to_budget(plan: PoolPlan, free: int, budget_total: int) -> PoolPlan | None:
@@ -91,46 +126,34 @@ def fit_to_budget(plan: PoolPlan, free: int, budget_total: int) -> PoolPlan | No
 
     None when not even the smallest usable pool fits: the replica must wait.
     """
-    room = free - LISTEN_CONNECTIONS
+    room = free - plan.listen
     if room >= plan.max_size:
         return plan
     if room < MIN_USABLE_POOL[plan.tier]:
         return None
     cap = Cap(
-        env_name(f"{plan.tier}_db_pool_max"),
+        env_name(f"{plan.setting}_max"),
         plan.requested_max,
         room,
-        f"connection budget: {free} of {budget_total} connections left "
-        f"({LISTEN_CONNECTIONS} for LISTEN)",
+        f"connection budget: {free} of {budget_total} connections left"
+        + (f" ({plan.listen} for LISTEN)" if plan.listen else ""),
     )
     # The minimum follows the new maximum: a _MIN cap made against the CPU cap is stale.
     caps = [c for c in plan.caps if not c.variable.endswith("_MIN")]
-    return _with_min(
-        PoolPlan(
-            plan.tier,
-            plan.requested_min,
-            plan.requested_max,
-            min(plan.requested_min, room),
-            room,
-            [*caps, cap],
-        )
-    )
+    return _with_min(plan.sized(min(plan.requested_min, room), room, [*caps, cap]))
 
 
 def _with_min(plan: PoolPlan) -> PoolPlan:
     """Cap the pool minimum at its maximum, with a Cap saying so."""
     if plan.requested_min <= plan.max_size:
         return plan
-    return PoolPlan(
-        plan.tier,
-        plan.requested_min,
-        plan.requested_max,
+    return plan.sized(
         plan.max_size,
         plan.max_size,
         [
             *(c for c in plan.caps if not c.variable.endswith("_MIN")),
             Cap(
-                env_name(f"{plan.tier}_db_pool_min"),
+                env_name(f"{plan.setting}_min"),
                 plan.requested_min,
                 plan.max_size,
                 "the pool's effective maximum is lower",

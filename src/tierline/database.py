@@ -17,9 +17,9 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from tierline.backoff import backoff_delays
-from tierline.errors import DatabaseUnavailable
+from tierline.errors import DatabaseUnavailable, SettingsError
 from tierline.logs import get_logger
-from tierline.settings import Settings
+from tierline.settings import Settings, env_name
 
 log = get_logger(__name__)
 
@@ -73,21 +73,36 @@ async def connect(
 
 
 def make_pool(
-    settings: Settings, *, min_size: int, max_size: int, name: str, direct: bool = False
+    settings: Settings,
+    *,
+    min_size: int,
+    max_size: int,
+    name: str,
+    direct: bool = False,
+    read: bool = False,
 ) -> AsyncConnectionPool[Conn]:
-    """A replica's pool (or a CLI command's, ``direct`` for the direct URL); not open yet:
-    ``await pool.open()`` starts it.
+    """A replica's pool (or a CLI command's, ``direct`` for the direct URL; ``read``: the
+    web tier's pool on ``TIERLINE_DATABASE_READ_URL``); not open yet: ``await
+    pool.open()`` starts it.
 
     One background worker opens connections one at a time, so a replica's minimum is
     reached gradually rather than as a burst.
     """
+    if read:
+        dsn = settings.read_dsn()
+        if dsn is None:
+            raise SettingsError(f"{env_name('database_read_url')} is not set")
+    else:
+        dsn = settings.direct_dsn() if direct else settings.dsn()
     return _pool(
-        settings.direct_dsn() if direct else settings.dsn(),
+        dsn,
         min_size=min_size,
         max_size=max_size,
         name=name,
         connection={
-            "prepare_threshold": prepare_threshold(settings),
+            # The read URL may be a pooler in front of several replicas: no server-side
+            # prepared statements there (they would land on another server's session).
+            "prepare_threshold": None if read else prepare_threshold(settings),
             "application_name": f"tierline-{name}",
             "connect_timeout": max(1, round(settings.db_connect_timeout_s)),
         },

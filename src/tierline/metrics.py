@@ -239,6 +239,22 @@ QUEUE_OLDEST = gauge(
     "Above your latency SLO: add worker replicas; see 'Oldest job too old' in the playbook.",
     "both",
 )
+QUEUE_PAUSED = gauge(
+    "tierline_queue_paused",
+    "1 while a queue is paused (PATCH /v1/queues/{name}, tierline queue pause): its jobs "
+    "wait, enqueueing still works.",
+    ("queue",),
+    "1 longer than an incident needs: resume it (tierline queue resume NAME).",
+    "both",
+)
+QUEUE_UNSERVED = gauge(
+    "tierline_queue_unserved",
+    "1 while jobs wait in a queue that no live worker replica serves "
+    "(TIERLINE_WORKER_QUEUES of every worker leaves it out).",
+    ("queue",),
+    "Any 1: those jobs never run; add the queue to a worker's TIERLINE_WORKER_QUEUES.",
+    "both",
+)
 REPLICAS = gauge(
     "tierline_replicas",
     "Live replicas per tier, from the replica registry.",
@@ -276,6 +292,45 @@ BUDGET = gauge(
 )
 
 
+# -- the read replica (web tier, TIERLINE_DATABASE_READ_URL; src/tierline/read_routing.py) ----
+REPLICA_LAG = gauge(
+    "tierline_db_replica_lag_seconds",
+    "Replay lag of the read replica (target=replica), by the primary's clock: the age of "
+    "the oldest write it has not applied yet; NaN while it cannot be measured.",
+    ("target",),
+    "Above TIERLINE_READ_MAX_LAG_S reads go to the primary: look at the replica's I/O and "
+    "CPU, long queries on it (hot_standby_feedback), the network.",
+    "web",
+)
+READ_TARGET = gauge(
+    "tierline_db_read_target",
+    "Where this web replica sends its reads now: 1 for the target in use, 0 for the other.",
+    ("target",),
+    "target=primary at 1 for long with a replica configured: the replica lags or is "
+    "down, and the primary carries the reads (see the warning in the log).",
+    "web",
+)
+READ_FALLBACKS = counter(
+    "tierline_db_read_fallbacks",
+    "Reads meant for the replica that the primary answered, by reason (lag, unreachable, "
+    "error, not_replayed: a row or event the replica had not applied yet).",
+    ("reason",),
+    "lag or unreachable rising: the replica cannot keep up or is down; not_replayed "
+    "alone is clients reading what they just wrote, which is expected.",
+    "web",
+)
+QUERY_DURATION = histogram(
+    "tierline_db_query_duration_seconds",
+    "Time of one read of the web tier (jobs, listings, statistics, stream catch-up), by the "
+    "server that answered it.",
+    ("target",),
+    "replica slower than primary: the replica is short of resources; both rising: see "
+    "the pool metrics and the database.",
+    "web",
+    LATENCY_BUCKETS,
+)
+
+
 # -- pools: read from psycopg_pool at scrape time ---------------------------------------------
 @dataclass(frozen=True)
 class PoolMetric:
@@ -291,14 +346,15 @@ class PoolMetric:
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return ("tier", "state") if self.states else ("tier",)
+        return ("tier", "target", "state") if self.states else ("tier", "target")
 
 
 POOL_METRICS = (
     PoolMetric(
         "tierline_db_pool_connections",
         "gauge",
-        "Pool connections in use or idle.",
+        "Pool connections in use or idle; target=primary for the tier's pool, "
+        "target=replica for the web tier's read pool (TIERLINE_DATABASE_READ_URL).",
         "in_use near max: the pool is saturated; see utilisation.",
         states=("in_use", "idle"),
     ),
@@ -312,7 +368,8 @@ POOL_METRICS = (
     PoolMetric(
         "tierline_db_pool_requested_max_connections",
         "gauge",
-        "The pool maximum asked for by TIERLINE_<TIER>_DB_POOL_MAX.",
+        "The pool maximum asked for by TIERLINE_<TIER>_DB_POOL_MAX (target=replica: "
+        "TIERLINE_WEB_DB_READ_POOL_MAX).",
         "Differs from max: the request was capped (CPU or budget).",
         "requested_max",
     ),
@@ -357,26 +414,29 @@ for _m in POOL_METRICS:
 
 
 class PoolCollector(Collector):
-    """Reads the live pool's statistics at scrape time (``get_stats`` omits zeros)."""
+    """Reads the live pools' statistics at scrape time (``get_stats`` omits zeros): the
+    primary's pool (``target="primary"``) and, on a web replica with a read replica, the
+    read pool (``target="replica"``)."""
 
     def __init__(self) -> None:
-        self.source: Callable[[], dict[str, Any] | None] = lambda: None
+        self.source: Callable[[], list[dict[str, Any]]] = lambda: []
 
     def collect(self) -> Iterable[Metric]:
-        snap = self.source()
-        if not snap:
+        snaps = self.source()
+        if not snaps:
             return []
-        tier = snap["tier"]
         out: list[Metric] = []
         for m in POOL_METRICS:
             family = GaugeMetricFamily if m.type == "gauge" else CounterMetricFamily
             # (a counter family takes the name with or without _total; it exposes _total)
             metric = family(m.name, m.meaning, labels=list(m.labels))
-            if m.states:
-                for state in m.states:
-                    metric.add_metric([tier, state], snap[state])
-            else:
-                metric.add_metric([tier], snap[m.key])
+            for snap in snaps:
+                labels = [snap["tier"], snap.get("target", "primary")]
+                if m.states:
+                    for state in m.states:
+                        metric.add_metric([*labels, state], snap[state])
+                else:
+                    metric.add_metric(labels, snap[m.key])
             out.append(metric)
         return out
 
@@ -385,7 +445,9 @@ POOLS = PoolCollector()
 REGISTRY.register(POOLS)
 
 
-def pool_snapshot(tier: str, stats: dict[str, int], requested_max: int) -> dict[str, Any]:
+def pool_snapshot(
+    tier: str, stats: dict[str, int], requested_max: int, target: str = "primary"
+) -> dict[str, Any]:
     """psycopg_pool ``get_stats()`` in Tierline's terms (base units, zeros filled in)."""
     size = stats.get("pool_size", 0)
     available = stats.get("pool_available", 0)
@@ -393,6 +455,7 @@ def pool_snapshot(tier: str, stats: dict[str, int], requested_max: int) -> dict[
     in_use = max(0, size - available)
     return {
         "tier": tier,
+        "target": target,
         "size": size,
         "in_use": in_use,
         "idle": available,

@@ -1,4 +1,6 @@
-"""``tierline plan``: the connection arithmetic of a planned deployment."""
+"""``tierline plan``: the connection arithmetic of a planned deployment, against the
+primary's budget and, with a read replica (``TIERLINE_DATABASE_READ_URL``), against the
+replica's own budget, which only the web tier's read pools use."""
 
 from __future__ import annotations
 
@@ -27,6 +29,23 @@ class TierPlan:
 
 
 @dataclass
+class ReadPlan:
+    """The read replica's side: every web replica's read pool against its budget."""
+
+    budget: Budget
+    web: TierPlan  # the web tier's read pool (no LISTEN connection on the replica)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.web.total
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget.total
+
+
+@dataclass
 class Plan:
     budget: Budget
     cores: Cores
@@ -34,14 +53,20 @@ class Plan:
     warnings: list[str] = field(default_factory=list)  # caps and undersized pools
     problems: list[str] = field(default_factory=list)  # why it does not fit, what would
     notes: list[str] = field(default_factory=list)
+    read: ReadPlan | None = None
 
     @property
     def total(self) -> int:
         return sum(t.total for t in self.tiers)
 
     @property
-    def fits(self) -> bool:
+    def primary_fits(self) -> bool:
         return self.total <= self.budget.total
+
+    @property
+    def fits(self) -> bool:
+        """Both servers' budgets hold the plan."""
+        return self.primary_fits and (self.read is None or self.read.fits)
 
     @property
     def shortfall(self) -> int:
@@ -49,11 +74,15 @@ class Plan:
         return max(0, self.total - self.budget.total)
 
 
-async def read_server_limits(settings: Settings) -> tuple[int, int, int]:
+async def read_server_limits(settings: Settings, *, read: bool = False) -> tuple[int, int, int]:
+    """(max_connections, superuser_reserved, reserved) of the primary, or of the read
+    replica (``read``)."""
     from tierline.database import connect
     from tierline.queries import QUERIES
 
-    conn = await connect(settings.direct_dsn(), settings, attempts=3)
+    dsn = settings.read_dsn() if read else settings.direct_dsn()
+    assert dsn is not None
+    conn = await connect(dsn, settings, attempts=3)
     try:
         row = await (await conn.execute(QUERIES["server_limits"])).fetchone()
     finally:
@@ -69,12 +98,15 @@ def plan(
     workers: int,
     cores: float | None = None,
     server: tuple[int, int, int] | None = None,
+    read_server: tuple[int, int, int] | None = None,
 ) -> Plan:
     """The connection arithmetic of ``web`` and ``workers`` replicas against the budget.
 
     ``cores`` (per replica, may be fractional like a pod's CPU limit) defaults to what
     this machine allows; ``server`` is (max_connections, superuser_reserved, reserved)
-    when the budget comes from the server rather than ``TIERLINE_DB_MAX_CONNECTIONS``.
+    when the budget comes from the server rather than ``TIERLINE_DB_MAX_CONNECTIONS``;
+    ``read_server`` the same of the read replica, when one is configured
+    (``TIERLINE_DATABASE_READ_URL``) and ``TIERLINE_DB_READ_MAX_CONNECTIONS`` is unset.
     """
     if cores is not None:
         usable = max(1, math.ceil(cores - 1e-9))
@@ -110,9 +142,44 @@ def plan(
             f"TIERLINE_WORKER_CONCURRENCY = {need_db} connections; with a pool of "
             f"{worker.pool.max_size} they queue for connections (pool timeouts retry the job)"
         )
-    if not result.fits:
+    if settings.read_dsn() is not None:
+        result.read = _read_plan(settings, web, core_info, read_server)
+        for cap in result.read.web.pool.caps:
+            result.warnings.append(
+                f"{cap.variable}: requested {cap.requested}, capped to {cap.applied} ({cap.reason})"
+            )
+    if not result.primary_fits:
         result.problems = _shortfall(result)
     return result
+
+
+def _read_plan(
+    settings: Settings, web: int, cores: Cores, server: tuple[int, int, int] | None
+) -> ReadPlan:
+    if settings.db_read_max_connections is not None:
+        b = budget.budget(settings, 0, 0, read=True)
+    else:
+        assert server is not None, "the read replica's limits, or TIERLINE_DB_READ_MAX_CONNECTIONS"
+        b = budget.budget(settings, *server, read=True)
+    read = ReadPlan(b, TierPlan("web", web, budget.read_pool(settings, cores)))
+    if not read.fits:
+        per = read.web.per_replica
+        fit = b.total // per if per else 0
+        pool_max = b.total // web if web else 0
+        line = (
+            f"web tier's read pools: {web} x {per} = {read.total} connections on the "
+            f"read replica; at most {fit} web replicas fit its budget"
+        )
+        if pool_max >= budget.MIN_USABLE_POOL["web"]:
+            line += f", or keep {web} with TIERLINE_WEB_DB_READ_POOL_MAX={pool_max}"
+        read.problems = [
+            line,
+            "deployed anyway, the web replicas whose read pool does not fit send their "
+            "reads to the primary (logged as a WARNING) until read budget frees",
+            f"or raise the read budget by {read.total - b.total} to {read.total} "
+            "(TIERLINE_DB_READ_MAX_CONNECTIONS, or the replica's max_connections)",
+        ]
+    return read
 
 
 def _shortfall(p: Plan) -> list[str]:
@@ -198,8 +265,36 @@ def render(p: Plan) -> str:
     if p.problems:
         lines += ["", f"does not fit, short by {p.shortfall} connections:"]
         lines += [f"  - {w}" for w in p.problems]
+    if p.read is not None:
+        lines += ["", *_render_read(p.read)]
     if p.warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in p.warnings]
     if p.notes:
         lines += ["", "notes:"] + [f"  - {w}" for w in p.notes]
     return "\n".join(lines)
+
+
+def _render_read(r: ReadPlan) -> list[str]:
+    """The read replica's table and verdict."""
+    t = r.web
+    rows = [
+        ("read replica", "replicas", "read pool max (requested)", "per replica", "total"),
+        ("web", str(t.replicas), f"{t.pool.max_size} ({t.pool.requested_max})",
+         str(t.per_replica), str(t.total)),
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    spare = r.budget.total - r.total
+    lines += [
+        "",
+        f"read budget: {r.budget.total} connections ({r.budget.source})",
+        f"planned on the read replica: {r.total} of {r.budget.total} -> "
+        + (f"fits ({spare} spare)" if r.fits else f"DOES NOT FIT (short by {-spare})"),
+    ]
+    if r.problems:
+        lines += ["", f"the read replica does not fit, short by {-spare} connections:"]
+        lines += [f"  - {w}" for w in r.problems]
+    return lines

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, LiteralString, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, LiteralString, Protocol, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -20,8 +20,21 @@ Rows = list[dict[str, Any]]  # (a name: inside Queue, `list` is the method below
 T = TypeVar("T")
 
 
+class Reads(Protocol):
+    """Where reads go when not to the queue's pool (``read_routing.ReadRouter``)."""
+
+    async def fetch(
+        self,
+        query: LiteralString,
+        params: dict[str, Any],
+        *,
+        primary_if: Callable[[Rows], bool] | None = None,
+    ) -> tuple[Rows, Any]: ...
+
+
 class Queue:
-    """Queue operations over a connection pool."""
+    """Queue operations over a connection pool. ``reads``: where ``get`` and ``list`` go
+    (the web tier's read routing); writes always use the pool."""
 
     def __init__(
         self,
@@ -33,6 +46,7 @@ class Queue:
         self.app = app
         self.pool = pool
         self.max_args_bytes = max_args_bytes
+        self.reads: Reads | None = None
 
     @classmethod
     async def standalone(
@@ -81,7 +95,8 @@ class Queue:
 
     # -- read -------------------------------------------------------------------------------
     async def get(self, job_id: int) -> Job:
-        rows = await self._fetch(QUERIES["get_job"], {"id": job_id})
+        # A job the replica has not replayed yet (just enqueued) is asked of the primary.
+        rows = await self._read(QUERIES["get_job"], {"id": job_id}, primary_if=_empty)
         if not rows:
             raise JobNotFound(f"job {job_id} not found")
         return Job.from_row(rows[0])
@@ -95,11 +110,23 @@ class Queue:
         before: int | None = None,
         limit: int = 50,
     ) -> list[Job]:
-        rows = await self._fetch(
+        rows = await self._read(
             QUERIES["list_jobs"],
             {"queue": queue, "state": state, "kind": kind, "before": before, "limit": limit},
         )
         return [Job.from_row(r) for r in rows]
+
+    async def _read(
+        self,
+        query: LiteralString,
+        params: dict[str, Any],
+        *,
+        primary_if: Callable[[Rows], bool] | None = None,
+    ) -> Rows:
+        if self.reads is None:
+            return await self._fetch(query, params)
+        rows, _ = await self.reads.fetch(query, params, primary_if=primary_if)
+        return rows
 
     async def _fetch(self, query: LiteralString, params: dict[str, Any], *, tries: int = 2) -> Rows:
         """Run one statement; when its connection dies under it (terminated, server
@@ -135,3 +162,7 @@ class Queue:
         if not row["changed"]:
             raise InvalidTransition(f"job {job_id} is {row['state']}: {refusal}")
         return Job.from_row(row)
+
+
+def _empty(rows: Rows) -> bool:
+    return not rows

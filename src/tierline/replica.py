@@ -26,6 +26,7 @@ from tierline.database import Conn, connect, describe_error, make_pool
 from tierline.errors import SchemaError
 from tierline.logs import get_logger
 from tierline.queries import QUERIES
+from tierline.read_pool import ReadPool
 from tierline.settings import Settings, Tier, env_name
 
 log = get_logger(__name__)
@@ -57,7 +58,10 @@ class Replica:
         self.pool_need = pool_need
         self.healthy_db = True
         self._connect_errors = 0  # the pool's failed connection attempts, at the last beat
-        metrics.POOLS.source = self.pool_snapshot
+        # The web tier's pool on the read replica, claimed against that server's budget.
+        wants_reads = tier == "web" and settings.read_dsn() is not None
+        self.reads = ReadPool(settings, self.cores) if wants_reads else None
+        metrics.POOLS.source = self.pool_snapshots
 
     # -- start-up -----------------------------------------------------------------------------
     async def start(self, stop: asyncio.Event) -> bool:
@@ -98,6 +102,8 @@ class Replica:
             self.settings, min_size=granted.min_size, max_size=granted.max_size, name=self.tier
         )
         await self.pool.open(wait=False)
+        if self.reads is not None:
+            await self.reads.open()
         self.ready, self.reason = True, ""
         log.info(
             "replica ready",
@@ -132,6 +138,8 @@ class Replica:
         )
         try:
             await migrations.check(conn)
+            if self.reads is not None:
+                await self.reads.read_limits()  # another server: not under the lock
             async with conn.transaction():
                 await conn.execute(QUERIES["budget_lock"])
                 limits = await (await conn.execute(QUERIES["server_limits"])).fetchone()
@@ -157,6 +165,8 @@ class Replica:
                         f"({live['replicas']} live replicas hold {live['claimed']}; "
                         f"budget from {self.budget.source})"
                     )
+                if granted is not None and self.reads is not None:
+                    await self.reads.claim(conn, self.id)
                 await conn.execute(QUERIES["upsert_replica"], self._row(granted))
             return granted
         finally:
@@ -176,6 +186,7 @@ class Replica:
             "ready": granted is not None,
             "reason": None if granted else self.reason,
             "stats": Jsonb(self.snapshot()),
+            **(self.reads.row() if self.reads is not None and granted else ReadPool.no_row()),
         }
 
     # -- running --------------------------------------------------------------------------------
@@ -211,6 +222,8 @@ class Replica:
                 self._connect_errors = self.pool.get_stats().get("connections_errors", 0)
                 if self.reason.startswith("database unreachable"):
                     self.ready, self.reason = True, ""
+                if self.reads is not None and self.reads.granted is None:
+                    await self._claim_read_again()
                 break
             except PoolTimeout:
                 failed = self.pool.get_stats().get("connections_errors", 0)
@@ -253,11 +266,20 @@ class Replica:
                     reason=self.reason,
                 )
 
+    async def _claim_read_again(self) -> None:
+        assert self.reads is not None and self.pool is not None
+        try:
+            await self.reads.claim_again(self.pool, self.id)
+        except Exception as exc:
+            log.warning("read pool claim failed", error=describe_error(exc))
+
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {"cores": self.cores.usable, "cores_source": self.cores.source}
         pool = self.pool_snapshot()
         if pool:
             out["pool"] = pool
+        if self.reads is not None:
+            out["read_pool"] = {**self.reads.snapshot(), **self.reads.describe()}
         out.update(self.stats())
         return out
 
@@ -270,10 +292,18 @@ class Replica:
         snap = self.pool_snapshot()
         return snap is None or (snap["idle"] == 0 and snap["size"] >= snap["max"])
 
+    def pool_snapshots(self) -> list[dict[str, Any]]:
+        """Every pool's metrics: the primary's, and the read replica's when configured."""
+        snaps = [s for s in (self.pool_snapshot(),) if s]
+        if self.reads is not None:
+            snaps.append(self.reads.snapshot())
+        return snaps
+
     def pool_snapshot(self) -> dict[str, Any] | None:
         if self.pool is None:
             return {
                 "tier": self.tier,
+                "target": "primary",
                 "size": 0,
                 "in_use": 0,
                 "idle": 0,
@@ -294,6 +324,8 @@ class Replica:
         replica while this one still holds its pool: for a moment, over budget. The one
         connection that deregisters is covered by the claim it releases.
         """
+        if self.reads is not None:
+            await self.reads.close()
         if self.pool is not None:
             await self.pool.close(timeout=5)
         if self.pool is not None or self.budget is not None:  # we wrote a registry row

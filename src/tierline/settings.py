@@ -45,6 +45,28 @@ class Settings(BaseSettings):
         description="Direct PostgreSQL URL for LISTEN, the replica registry and migrations. "
         "Default: `TIERLINE_DATABASE_URL`.",
     )
+    database_read_url: SecretStr | None = Field(
+        None,
+        description="A read replica of the database (or a pooler in front of several): "
+        "the web tier opens a second pool there for its read-only routes and "
+        "`tierline.web.read_connection`; writes stay on `TIERLINE_DATABASE_URL`. Unset: "
+        "every read goes to the primary.",
+    )
+    read_max_lag_s: float = Field(
+        5.0,
+        gt=0,
+        description="Reads leave the replica for the primary while its replay lag, "
+        "measured by the primary's clock, is above this, and come back once it is below "
+        "(seconds).",
+    )
+    db_read_max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Connection budget of the read replica's server, shared by the web "
+        "replicas' read pools (a pooler's `max_client_conn` when one is in front). Default: "
+        "the replica's `max_connections` - `superuser_reserved_connections` - "
+        "`TIERLINE_DB_RESERVED_CONNECTIONS`.",
+    )
     data_dir: str = Field(
         ".tierline",
         description="Folder (relative to the working directory) of the embedded PostgreSQL "
@@ -88,6 +110,18 @@ class Settings(BaseSettings):
     )
     web_db_pool_max: int = Field(
         4, ge=1, description="Most connections the web pool may open (connections)."
+    )
+    web_db_read_pool_min: int = Field(
+        1,
+        ge=0,
+        description="Connections the web tier's read pool keeps open on the read replica "
+        "(connections); used with `TIERLINE_DATABASE_READ_URL`.",
+    )
+    web_db_read_pool_max: int = Field(
+        4,
+        ge=1,
+        description="Most connections the web tier's read pool may open on the read replica "
+        "(connections); claimed against the replica's own budget.",
     )
     worker_db_pool_min: int = Field(
         1, ge=0, description="Connections the worker pool keeps open (connections)."
@@ -331,12 +365,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _pools(self) -> Settings:
-        for tier in ("web", "worker"):
-            lo, hi = getattr(self, f"{tier}_db_pool_min"), getattr(self, f"{tier}_db_pool_max")
+        for pool in ("web_db_pool", "worker_db_pool", "web_db_read_pool"):
+            lo, hi = getattr(self, f"{pool}_min"), getattr(self, f"{pool}_max")
             if lo > hi:
                 raise ValueError(
-                    f"{PREFIX}{tier.upper()}_DB_POOL_MIN={lo} is larger than "
-                    f"{PREFIX}{tier.upper()}_DB_POOL_MAX={hi}"
+                    f"{PREFIX}{pool.upper()}_MIN={lo} is larger than "
+                    f"{PREFIX}{pool.upper()}_MAX={hi}"
                 )
         return self
 
@@ -370,6 +404,10 @@ class Settings(BaseSettings):
         if self.database_url is None:
             raise SettingsError(f"{PREFIX}DATABASE_URL is not set")
         return self.database_url.get_secret_value()
+
+    def read_dsn(self) -> str | None:
+        """The read replica's URL, or None when reads stay on the primary."""
+        return self.database_read_url.get_secret_value() if self.database_read_url else None
 
     def direct_dsn(self) -> str:
         url = self.database_direct_url or self.database_url

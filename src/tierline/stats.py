@@ -17,14 +17,19 @@ from tierline import metrics
 from tierline.database import Conn
 from tierline.jobs import State
 from tierline.queries import QUERIES
+from tierline.queue import Reads
 
 FRESH_S = 5.0  # a snapshot younger than this is used as it is
 LOCAL_CACHE_S = 2.0  # and read from the database at most this often per process
 
 
 class Stats:
-    def __init__(self, pool: AsyncConnectionPool[Conn]) -> None:
+    """``reads``: where the snapshot and the registry are read (the web tier's read
+    routing); computing and storing a snapshot always happens on ``pool``."""
+
+    def __init__(self, pool: AsyncConnectionPool[Conn], reads: Reads | None = None) -> None:
         self.pool = pool
+        self.reads = reads
         self._queues: tuple[float, dict[str, Any]] | None = None
         self._cluster: tuple[float, dict[str, Any]] | None = None
 
@@ -32,6 +37,13 @@ class Stats:
         now = time.monotonic()
         if self._queues and now - self._queues[0] < LOCAL_CACHE_S:
             return self._queues[1]
+        stored = None
+        if self.reads is not None:
+            rows, _ = await self.reads.fetch(QUERIES["stats_get_as_of"], {"key": "queues"})
+            if rows and rows[0]["age_s"] < FRESH_S:
+                stored = rows[0]["value"]
+        if stored is not None:
+            return self._publish_queues(now, stored)
         async with self.pool.connection() as conn:
             row = await (await conn.execute(QUERIES["stats_get"], {"key": "queues"})).fetchone()
             if row is not None and row["age_s"] < FRESH_S:
@@ -48,7 +60,10 @@ class Stats:
                         snap = row["value"]  # someone else is refreshing it right now
                     else:
                         snap = await compute_queue_stats(conn)
-        snap = dict(snap)
+        return self._publish_queues(now, snap)
+
+    def _publish_queues(self, now: float, stored: dict[str, Any]) -> dict[str, Any]:
+        snap = dict(stored)
         self._queues = (now, snap)
         for q in snap["queues"]:
             for state, n in q["counts"].items():
@@ -61,13 +76,24 @@ class Stats:
         now = time.monotonic()
         if self._cluster and now - self._cluster[0] < 1.0:
             return self._cluster[1]
+        if self.reads is not None:
+            rows, _ = await self.reads.fetch(QUERIES["list_replicas"], {})
+        else:
+            async with self.pool.connection() as conn:
+                rows = await (await conn.execute(QUERIES["list_replicas"])).fetchall()
         async with self.pool.connection() as conn:
-            rows = await (await conn.execute(QUERIES["list_replicas"])).fetchall()
             limits = await (await conn.execute(QUERIES["server_limits"])).fetchone()
             conns = await (await conn.execute(QUERIES["server_connections"])).fetchone()
         replicas = []
         tiers: dict[str, dict[str, int]] = {
-            t: {"alive": 0, "ready": 0, "dead": 0, "claimed_connections": 0, "pool_max": 0}
+            t: {
+                "alive": 0,
+                "ready": 0,
+                "dead": 0,
+                "claimed_connections": 0,
+                "pool_max": 0,
+                "read_claimed_connections": 0,
+            }
             for t in ("web", "worker")
         }
         for r in rows:
@@ -78,6 +104,7 @@ class Stats:
                 t["ready"] += int(bool(r["ready"]))
                 t["claimed_connections"] += r["claimed"]
                 t["pool_max"] += r["pool_max"]
+                t["read_claimed_connections"] += r["read_claimed"]
             elif r["stopped_at"] is None:
                 t["dead"] += 1
             replicas.append(
@@ -97,10 +124,14 @@ class Stats:
                     "pool_requested_max": r["requested_pool"],
                     "pool_max": r["pool_max"],
                     "claimed_connections": r["claimed"] if alive else 0,
+                    "read_pool_requested_max": r["read_requested_pool"],
+                    "read_pool_max": r["read_pool_max"],
+                    "read_claimed_connections": r["read_claimed"] if alive else 0,
                     "stats": r["stats"],
                 }
             )
         claimed = sum(t["claimed_connections"] for t in tiers.values())
+        read_claimed = sum(t["read_claimed_connections"] for t in tiers.values())
         server = {
             "max_connections": limits["max_connections"] if limits else None,
             "superuser_reserved_connections": limits["superuser_reserved"] if limits else None,
@@ -110,6 +141,7 @@ class Stats:
             "replicas": replicas,
             "tiers": tiers,
             "claimed_connections": claimed,
+            "read_claimed_connections": read_claimed,
             "server": server,
         }
         self._cluster = (now, snap)
@@ -121,6 +153,19 @@ class Stats:
         if limits:
             metrics.SERVER_MAX_CONNECTIONS.set(limits["max_connections"])
         return snap
+
+
+async def read_server(pool: AsyncConnectionPool[Conn]) -> dict[str, Any]:
+    """The read replica's server as ``GET /v1/cluster`` shows it (one short query)."""
+    async with pool.connection(timeout=1.0) as conn:
+        row = await (await conn.execute(QUERIES["replica_server"])).fetchone()
+    assert row is not None
+    return {
+        "max_connections": row["max_connections"],
+        "superuser_reserved_connections": row["superuser_reserved"],
+        "connections": row["connections"],
+        "in_recovery": row["in_recovery"],
+    }
 
 
 async def compute_queue_stats(conn: Conn) -> dict[str, Any]:

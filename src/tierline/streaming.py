@@ -27,6 +27,22 @@ fills while its stream waits for the client's socket, the client reads too slowl
 its connection is cut (it may resume); when it fills otherwise (a burst, or a client
 catching up on a long history), the buffer is dropped and the stream reads those events
 from the database instead: the database is the buffer.
+
+With a read replica (``TIERLINE_DATABASE_READ_URL``), a replay reads its pages from the
+replica while the replica answers whole pages, and always reads its last page (the one
+that ends the replay) from the primary; stream heads come from the replica unless it has
+not replayed the job, or not as far as the client's position. Live events are always
+read from the primary (a notification precedes the replica's replay). Why this is
+still exact: the replica applies the primary's commits in commit order, so what it
+holds of a job's stream (seq order = commit order) or of the firehose (rows of
+transactions older than every running one, in ``(xid, id)`` order) is a prefix of what
+the primary holds, with no gaps; a replica page is therefore exactly the primary's page
+as of an earlier moment. A short page from the replica proves nothing about the end, so
+the replay goes on from the same position on the primary, and the primary's last page
+begins after the subscriber registered, which is all the argument above needs: every
+event the hub read before the registration is in it. A head read on a lagging replica is
+at most the true head: the hub then starts its cursor earlier and reads a few events
+twice, which the position check drops.
 """
 
 from __future__ import annotations
@@ -35,7 +51,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, LiteralString
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -47,11 +63,13 @@ from tierline.jobs import FINAL_STATES
 from tierline.logs import get_logger
 from tierline.notifications import EVENTS_CHANNEL, event_job_ids
 from tierline.queries import QUERIES
+from tierline.queue import Reads
 from tierline.sse import Event
 
 log = get_logger(__name__)
 
 PAGE = 500
+Page = tuple[list[Event], bool]  # a replay page, and whether the read replica answered it
 
 
 class StreamClosed(TierlineError):
@@ -164,8 +182,9 @@ class Subscription:
                     return
 
     async def _replay(self) -> AsyncIterator[Event]:
+        replica = self.hub.reads is not None  # whole pages from the replica, if any
         while not self.ended:
-            page = await self.hub.page(self.job_id, self.position)
+            page, replica = await self.hub.page(self.job_id, self.position, replica=replica)
             for ev in page:
                 key = self._key(ev)
                 if key <= self.position:
@@ -174,11 +193,14 @@ class Subscription:
                 if self.job_id is not None or self.wants(ev):
                     yield ev
             if len(page) < self.hub.page_size:
-                return
+                if not replica:
+                    return
+                replica = False  # only the primary can say where the stream ends
 
 
 class EventHub:
-    """Per-replica fan-out of job events to subscribers."""
+    """Per-replica fan-out of job events to subscribers. ``reads``: the read replica's
+    routing, for replays and heads (live events always come from ``pool``)."""
 
     def __init__(
         self,
@@ -186,8 +208,10 @@ class EventHub:
         *,
         buffer_size: int = 1000,
         poll_s: float = 1.0,
+        reads: Reads | None = None,
     ) -> None:
         self._pool = pool
+        self.reads = reads
         self.buffer_size = buffer_size
         # A replaying stream holds one page: no more than a live one may buffer.
         self.page_size = min(PAGE, buffer_size)
@@ -203,10 +227,16 @@ class EventHub:
         self.fetches = 0
         self._active = 0  # subscribers, kept as a count: checked on every admission
         self._heads: Coalescer[int, tuple[str, int]] = Coalescer(
-            self._read_heads, 1000, name="stream-lookups"
+            lambda ids: self._read_heads(ids, False), 1000, name="stream-lookups"
         )
-        self._pages: Coalescer[tuple[int, int], list[Event]] = Coalescer(
-            self._read_pages, 200, name="stream-lookups"
+        self._replica_heads: Coalescer[int, tuple[str, int]] = Coalescer(
+            lambda ids: self._read_heads(ids, True), 1000, name="stream-lookups"
+        )
+        self._pages: Coalescer[tuple[int, int], Page] = Coalescer(
+            lambda keys: self._read_pages(keys, False), 200, name="stream-lookups"
+        )
+        self._replica_pages: Coalescer[tuple[int, int], Page] = Coalescer(
+            lambda keys: self._read_pages(keys, True), 200, name="stream-lookups"
         )
 
     # -- subscribers ------------------------------------------------------------------------
@@ -263,42 +293,56 @@ class EventHub:
             if not self.firehose:
                 self.fire_cursor = None
 
-    async def page(self, job_id: int | None, after: Any) -> list[Event]:
-        """One page of stored events after ``after``: a job's, or the firehose's."""
+    async def page(
+        self, job_id: int | None, after: Any, *, replica: bool = False
+    ) -> tuple[list[Event], bool]:
+        """One page of stored events after ``after``: a job's, or the firehose's; from
+        the read replica when ``replica`` and it is usable. Also says whether the
+        replica answered (False: the primary did)."""
         if job_id is not None:
-            return await self._pages.get((job_id, after)) or []
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                QUERIES["firehose_after"],
-                {"xid": str(after[0]), "id": after[1], "limit": self.page_size},
-            )
-            rows = await cur.fetchall()
-        return [Event.from_row(r) for r in rows]
+            lookups = self._replica_pages if replica and self.reads else self._pages
+            return await lookups.get((job_id, after)) or ([], False)
+        params = {"xid": str(after[0]), "id": after[1], "limit": self.page_size}
+        rows, from_replica = await self._fetch_rows(QUERIES["firehose_after"], params, replica)
+        return [Event.from_row(r) for r in rows], from_replica
 
-    async def job_head(self, job_id: int) -> tuple[str, int] | None:
-        """A job's state and last event seq, or None when there is no such job."""
+    async def job_head(self, job_id: int, at_least: int = 0) -> tuple[str, int] | None:
+        """A job's state and last event seq, or None when there is no such job. From the
+        read replica if it has the job with at least ``at_least`` events (the client's
+        position), else from the primary."""
+        if self.reads is not None:
+            head = await self._replica_heads.get(job_id)
+            if head is not None and head[1] >= at_least:
+                return head
+            metrics.READ_FALLBACKS.labels("not_replayed").inc()
         return await self._heads.get(job_id)
 
-    async def _read_heads(self, job_ids: list[int]) -> dict[int, tuple[str, int]]:
+    async def _fetch_rows(
+        self, query: LiteralString, params: dict[str, Any], replica: bool
+    ) -> tuple[list[dict[str, Any]], bool]:
+        if replica and self.reads is not None:
+            rows, target = await self.reads.fetch(query, params)
+            return rows, target == "replica"
         async with self._connection() as conn:
-            cur = await conn.execute(QUERIES["job_stream_heads"], {"ids": job_ids})
-            rows = await cur.fetchall()
+            rows = await (await conn.execute(query, params)).fetchall()
+        return rows, False
+
+    async def _read_heads(self, job_ids: list[int], replica: bool) -> dict[int, tuple[str, int]]:
+        rows, _ = await self._fetch_rows(QUERIES["job_stream_heads"], {"ids": job_ids}, replica)
         return {r["id"]: (str(r["state"]), int(r["event_seq"])) for r in rows}
 
-    async def _read_pages(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], list[Event]]:
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                QUERIES["job_event_pages"],
-                {
-                    "job_ids": [k[0] for k in keys],
-                    "afters": [k[1] for k in keys],
-                    "limit": self.page_size,
-                },
-            )
-            rows = await cur.fetchall()
-        pages: dict[tuple[int, int], list[Event]] = {k: [] for k in keys}
+    async def _read_pages(
+        self, keys: list[tuple[int, int]], replica: bool
+    ) -> dict[tuple[int, int], Page]:
+        params = {
+            "job_ids": [k[0] for k in keys],
+            "afters": [k[1] for k in keys],
+            "limit": self.page_size,
+        }
+        rows, from_replica = await self._fetch_rows(QUERIES["job_event_pages"], params, replica)
+        pages: dict[tuple[int, int], Page] = {k: ([], from_replica) for k in keys}
         for row in rows:
-            pages[keys[row["ord"] - 1]].append(Event.from_row(row))
+            pages[keys[row["ord"] - 1]][0].append(Event.from_row(row))
         return pages
 
     # -- notifications ----------------------------------------------------------------------

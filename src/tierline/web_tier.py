@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Coroutine
 from typing import Any
 
 import uvicorn
+from psycopg_pool import AsyncConnectionPool
 from starlette.types import ASGIApp
 
 from tierline import tracing
 from tierline.app import App
+from tierline.database import Conn
 from tierline.lifecycle import QuietServer, listen_socket
 from tierline.logs import get_logger
 from tierline.notifications import EVENTS_CHANNEL
+from tierline.read_routing import ReadRouter
 from tierline.replica import Replica
 from tierline.settings import Settings, env_name
 from tierline.streaming import EventHub
@@ -48,7 +52,15 @@ class WebTier(Tier):
         self.sock = sock
         self.reuse_port = reuse_port
         self.keys = KeyRing(settings.api_keys.get_secret_value() if settings.api_keys else None)
-        self.hub = EventHub(lambda: self.replica.pool, buffer_size=settings.sse_buffer_events)
+        # Reads go to the read replica while it keeps up (TIERLINE_DATABASE_READ_URL).
+        self.reads = (
+            ReadRouter(settings, lambda: self.replica.pool, self._read_pool)
+            if settings.read_dsn()
+            else None
+        )
+        self.hub = EventHub(
+            lambda: self.replica.pool, buffer_size=settings.sse_buffer_events, reads=self.reads
+        )
         self.rt = Runtime(
             settings=settings,
             app=app,
@@ -56,6 +68,7 @@ class WebTier(Tier):
             keys=self.keys,
             hub=self.hub,
             refresh_metrics=self.refresh_database_metrics,
+            reads=self.reads,
         )
         api = create_app(self.rt)
         self.host = (
@@ -73,6 +86,9 @@ class WebTier(Tier):
                 timeout_keep_alive=30,
             )
         )
+
+    def _read_pool(self) -> AsyncConnectionPool[Conn] | None:
+        return self.replica.reads.pool if self.replica.reads is not None else None
 
     def web_stats(self) -> dict[str, Any]:
         """The replica's registry row's stats: request load and open streams."""
@@ -110,6 +126,7 @@ class WebTier(Tier):
                 self.hub.notify,
                 self.hub.caught_up,
                 (self.hub.run(), "event-hub"),
+                *self._read_routing(),
             )
             if self.host is not None:
                 await self.host.start()
@@ -118,6 +135,14 @@ class WebTier(Tier):
         if self.host is not None:
             await self.host.stop()
         return True
+
+    def _read_routing(self) -> list[tuple[Coroutine[Any, Any, Any], str]]:
+        """With a read replica: the queue's and statistics' reads routed, the lag probe."""
+        if self.reads is None:
+            return []
+        assert self.queue is not None and self.stats is not None
+        self.queue.reads = self.stats.reads = self.reads
+        return [(self.reads.run(), "read-routing")]
 
     async def drain(self, server_task: asyncio.Task[None]) -> None:
         """Report not-ready, end streams cleanly, let requests finish, leave."""

@@ -52,10 +52,10 @@ GRANT SELECT ON tierline.queues, tierline.schedules, tierline.queue_starts TO {r
 GRANT INSERT, UPDATE ON tierline.queues TO {role};
 GRANT INSERT (job_id, seq, type, queue, kind, data) ON tierline.job_events TO {role};
 GRANT INSERT (id, tier, host, pid, version, lease_s, requested_pool, pool_max, claimed,
-              ready, reason, stats)
+              ready, reason, stats, read_requested_pool, read_pool_max, read_claimed)
     ON tierline.replicas TO {role};
 GRANT UPDATE (heartbeat_at, stopped_at, requested_pool, pool_max, claimed, ready, reason,
-              stats)
+              stats, read_requested_pool, read_pool_max, read_claimed)
     ON tierline.replicas TO {role};
 GRANT INSERT (key, value, updated_at), UPDATE (value, updated_at) ON tierline.stats
     TO {role};

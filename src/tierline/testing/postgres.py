@@ -39,6 +39,15 @@ def postgres_bindir() -> Path:
     raise RuntimeError("no PostgreSQL binaries: install 'tierline[embedded]' or postgresql")
 
 
+def system_bindir() -> Path:
+    """The newest of the system's PostgreSQL binaries (Debian's ``/usr/lib/postgresql/N``),
+    e.g. for a primary and its streaming replica, which need the same major version."""
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "postgres").exists() and (candidate / "pg_basebackup").exists():
+            return candidate
+    raise RuntimeError("no system PostgreSQL binaries under /usr/lib/postgresql")
+
+
 def run_as(owner_of: Path | None = None) -> dict[str, Any]:
     """Popen arguments that drop root to an unprivileged user (nothing when not root):
     the owner of ``owner_of`` when given (e.g. a server's socket folder, so the process
@@ -92,13 +101,17 @@ class PostgresServer:
     cleanly, ``stop("immediate")`` crashes it (recovery at the next ``start()``);
     ``close()`` removes everything. As a context manager: started, then closed.
     ``password``: host connections need it (scram-sha-256), to test wrong passwords.
+    ``bindir``: whose binaries (default ``postgres_bindir()``). ``replica_of(primary)``
+    makes a streaming replica of a running server (``pg_basebackup -R``).
     """
 
-    def __init__(self, *, password: str | None = None, **settings: Any) -> None:
+    def __init__(
+        self, *, password: str | None = None, bindir: Path | None = None, **settings: Any
+    ) -> None:
         self.port = free_port()
         self.password = password
         self.settings = {"max_connections": 100, **settings}
-        self.bin = postgres_bindir()
+        self.bin = bindir or postgres_bindir()
         self.dir = owned_dir("tierline-pg-")
         self.data = self.dir / "data"
         self.log_path = self.dir / "server.log"
@@ -146,6 +159,30 @@ class PostgresServer:
             "-l", str(self.log_path), "-w", "-t", "60", "start",
         )  # fmt: skip
         return self
+
+    @classmethod
+    def replica_of(cls, primary: PostgresServer, **settings: Any) -> PostgresServer:
+        """A hot-standby streaming replica of ``primary`` (running, same binaries), cloned
+        with ``pg_basebackup -R`` (the replication connection goes over the primary's
+        socket, which its default ``pg_hba.conf`` trusts). Started; ``close()`` it too."""
+        replica = cls(password=primary.password, bindir=primary.bin, **settings)
+        replica._run(
+            "pg_basebackup", "-D", str(replica.data), "-R", "-X", "stream", "-c", "fast",
+            "-h", str(primary.dir), "-p", str(primary.port), "-U", "postgres",
+        )  # fmt: skip
+        replica.settings.setdefault("hot_standby", "on")
+        return replica.start()
+
+    def pause_replay(self) -> None:
+        """Stop applying WAL (a replica): its data stays as it is while the primary moves on."""
+        self.execute("SELECT pg_wal_replay_pause()")
+
+    def resume_replay(self) -> None:
+        self.execute("SELECT pg_wal_replay_resume()")
+
+    def replayed_lsn(self) -> str:
+        """How far a replica has applied the primary's WAL."""
+        return str(self.execute("SELECT pg_last_wal_replay_lsn()::text")[0][0])
 
     def stop(self, mode: str = "fast") -> None:
         """``fast``: clean shutdown, clients disconnected; ``immediate``: a crash."""

@@ -12,8 +12,12 @@
 The connection is the pool's: autocommit (open a transaction with ``conn.transaction()``),
 rows as dicts, counted in ``tierline_db_pool_*{tier="web"}`` while held or waited for.
 A request that waits longer than ``TIERLINE_DB_POOL_TIMEOUT_S`` gets a 503 JSON error.
-``read_connection`` is the same for read-only work; it lends from the primary's pool
-until a read replica is configured.
+``read_connection`` is the same for read-only work: with ``TIERLINE_DATABASE_READ_URL``
+it lends from the read pool (``tierline_db_pool_*{target="replica"}``) while the replica
+keeps within ``TIERLINE_READ_MAX_LAG_S``, else, and when no replica connection frees
+within a second, from the primary's pool; without a read replica, always the primary's.
+What it reads may be up to that lag old: read what the request itself just wrote with
+``connection``.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ class Lease:
     async-generator protocol as well, so that FastAPI can use it as a dependency with
     cleanup (it drives ``__anext__`` / ``athrow`` like a generator's)."""
 
-    def __init__(self, request: HTTPConnection) -> None:
+    def __init__(self, request: HTTPConnection, *, read: bool = False) -> None:
         self.request = request
+        self.read = read
         self._borrow: Any = None
         self._state = 0  # 0 not yet, 1 lent, 2 given back
 
@@ -57,7 +62,11 @@ class Lease:
         pool = runtime.replica.pool
         if pool is None or not runtime.replica.ready:
             raise PoolBusy(f"replica not ready: {runtime.replica.reason}", "not_ready")
-        self._borrow = pool.connection(timeout=runtime.settings.db_pool_timeout_s)
+        timeout = runtime.settings.db_pool_timeout_s
+        reads = runtime.reads if self.read else None
+        self._borrow = (
+            reads.connection(timeout) if reads is not None else pool.connection(timeout=timeout)
+        )
         try:
             conn: Conn = await self._borrow.__aenter__()
         except PoolTimeout as exc:
@@ -104,10 +113,14 @@ async def _as_dependency(self: Any, request: Request) -> Any:  # pragma: no cove
 
 
 class Lender:
-    """``connection(request)``: a ``Lease`` of the web tier's pool."""
+    """``connection(request)``: a ``Lease`` of the web tier's pool (``read``: of the read
+    pool when there is one)."""
+
+    def __init__(self, *, read: bool = False) -> None:
+        self.read = read
 
     def __call__(self, request: Request) -> Lease:
-        return Lease(request)
+        return Lease(request, read=self.read)
 
     # FastAPI tells a dependency with cleanup from a plain one by looking (through
     # ``__wrapped__``) for an async generator function; the Lease behaves like one.
@@ -115,4 +128,4 @@ class Lender:
 
 
 connection = Lender()
-read_connection = Lender()  # the primary's pool until a read replica is configured
+read_connection = Lender(read=True)  # the read replica's pool, when configured

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from tierline.app import App
 from tierline.queue import Queue
+from tierline.read_routing import ReadRouter
 from tierline.recommender import Recommender
 from tierline.replica import Replica
 from tierline.settings import Settings
@@ -32,6 +33,7 @@ class Runtime:
     queue: Queue | None = None
     stats: Stats | None = None
     recommender: Recommender | None = None
+    reads: ReadRouter | None = None  # the read replica's routing, when configured
     draining: bool = False
     load: LoadMeter = field(default_factory=LoadMeter)
     shutdown: anyio.Event = field(default_factory=anyio.Event)

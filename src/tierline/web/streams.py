@@ -63,7 +63,7 @@ async def job_events(
         except ValueError as exc:
             raise ApiError(400, "bad_request", f"Last-Event-ID: {exc}") from None
     rt.require_queue()
-    head = await rt.hub.job_head(job_id)
+    head = await rt.hub.job_head(job_id, position)
     if head is None:
         raise ApiError(404, "not_found", f"job {job_id} not found")
     state, last_seq = head
