@@ -2,7 +2,7 @@
 and helpers that start real ``tierline`` processes.
 
 The server is ``TIERLINE_TEST_DATABASE_URL`` when set (CI: the machine's PostgreSQL),
-else an embedded one from ``pgserver`` in a temporary folder.
+else the embedded one (``tierline.embedded``, PostgreSQL 18) in a temporary folder.
 """
 
 from __future__ import annotations
