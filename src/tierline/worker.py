@@ -11,43 +11,30 @@ work has really stopped: a thread that outlives its finished attempt keeps it.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from tierline import metrics, tracing
+from tierline import attempts, metrics, tracing
 from tierline.app import App
-from tierline.backoff import full_jitter
 from tierline.claims import Claims
 from tierline.context import JobContext
 from tierline.database import Conn, describe_error
-from tierline.executors.children import RemoteError
 from tierline.executors.dispatch import Executors
 from tierline.flusher import Finish, Flusher
 from tierline.lifecycle import SideTasks
 from tierline.logs import get_logger
 from tierline.maintenance import Maintenance
 from tierline.notifications import CANCEL_CHANNEL, JOBS_CHANNEL
-from tierline.outcomes import Cancel, Retry
 from tierline.queries import QUERIES
 from tierline.settings import Settings
 
 log = get_logger(__name__)
 
-MAX_ERROR_CHARS = 8000
-RETRY_BASE_S = 1.0
-RETRY_CAP_S = 3600.0
 CLAIM_COALESCE_S = 0.005  # busy workers wait this long to claim several slots at once
-
-
-def retry_delay(attempt: int) -> float:
-    """The delay before a failed job's next attempt (a handler's ``Retry`` may set one)."""
-    return full_jitter(attempt, RETRY_BASE_S, RETRY_CAP_S)
 
 
 @dataclass
@@ -248,65 +235,24 @@ class Worker:
         return finish
 
     async def _attempt(self, run: Running, row: dict[str, Any]) -> Finish:
-        """Run the handler once; what became of the attempt."""
+        """Run the handler once; what became of the attempt (``attempts.py``)."""
         finish = Finish(run.job_id, run.attempt, run.queue, run.kind, "succeeded")
         try:
             handler = self.app.handler(run.kind)
             timeout = row["timeout_s"] or None
             result = await self.executors.call(handler, run.ctx, row["args"], timeout)
-            finish.result = _jsonable(result)
-        except Retry as r:
-            finish.state = "retrying" if run.attempt < row["max_attempts"] else "failed"
-            finish.delay_s = r.delay if r.delay is not None else retry_delay(run.attempt)
-            finish.error = {
-                "type": "Retry",
-                "message": r.reason or "retry requested",
-                "attempt": run.attempt,
-            }
-        except Cancel as c:
-            finish.state = "cancelled"
-            finish.error = {
-                "type": "Cancel",
-                "message": c.reason or "cancelled by handler",
-                "attempt": run.attempt,
-            }
-        except asyncio.CancelledError:
+            return attempts.succeeded(finish, result)
+        except asyncio.CancelledError as exc:
             if run.cancel_deadline is None:
                 raise  # the worker is shutting down: the job is handed back, not finished
-            finish.state = "cancelled"
-            finish.error = {
-                "type": "Cancelled",
-                "message": "cancelled on request",
-                "attempt": run.attempt,
-            }
+            return attempts.raised(finish, exc, row["max_attempts"])
         except Exception as exc:  # a TimeoutError too: the executor's says what was done
-            finish = self._failure(run, row, exc, finish)
-        return finish
+            return attempts.raised(finish, exc, row["max_attempts"])
 
     def _free(self, run: Running) -> None:
         if self.running.get(run.job_id) is run:
             del self.running[run.job_id]
         self._slot_freed.set()
-
-    def _failure(
-        self, run: Running, row: dict[str, Any], exc: BaseException, finish: Finish
-    ) -> Finish:
-        if isinstance(exc, RemoteError):  # raised in a child process: its type, its trace
-            kind, trace = exc.type_name, exc.remote_traceback
-        else:
-            kind, trace = type(exc).__name__, "".join(traceback.format_exception(exc))
-        finish.error = {
-            "type": kind,
-            "message": str(exc)[:2000],
-            "attempt": run.attempt,
-            "traceback": trace[-MAX_ERROR_CHARS:],
-        }
-        if run.attempt < row["max_attempts"]:
-            finish.state = "retrying"
-            finish.delay_s = retry_delay(run.attempt)
-        else:
-            finish.state = "failed"
-        return finish
 
     def _acked(self, finishes: list[Finish]) -> None:
         for f in finishes:
@@ -400,14 +346,3 @@ class Worker:
             "pending_acks": self.flusher.pending(),
             **self.executors.stats(),
         }
-
-
-def _jsonable(value: Any) -> Any:
-    """The handler's result, checked now so a bad one fails this attempt, not the batch."""
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"the handler's result is not JSON-serialisable: {exc}") from None
-    return value
