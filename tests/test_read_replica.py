@@ -291,6 +291,7 @@ def test_plan_shows_both_budgets_and_fails_when_either_does_not_fit(
     assert "planned on the read replica: 16 of 92 -> fits" in ok.stdout
     read_short = plan(TIERLINE_WEB_DB_READ_POOL_MAX=16, TIERLINE_DB_READ_MAX_CONNECTIONS=40)
     assert read_short.returncode == 1
+    assert "planned: 30 of 92 -> fits" in read_short.stdout  # the primary's side holds
     assert "planned on the read replica: 64 of 40 -> DOES NOT FIT" in read_short.stdout
     assert "TIERLINE_WEB_DB_READ_POOL_MAX=10" in read_short.stdout
     primary_short = plan(TIERLINE_DB_MAX_CONNECTIONS=10)

@@ -250,7 +250,7 @@ def render(p: Plan) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    verdict = "fits" if p.fits else "DOES NOT FIT"
+    verdict = "fits" if p.primary_fits else "DOES NOT FIT"
     lines += [
         "",
         f"budget: {p.budget.total} connections ({p.budget.source})",
@@ -258,7 +258,7 @@ def render(p: Plan) -> str:
         f"planned: {p.total} of {p.budget.total} -> {verdict}"
         + (
             f" ({p.budget.total - p.total} spare)"
-            if p.fits
+            if p.primary_fits
             else f" (short by {p.total - p.budget.total})"
         ),
     ]
