@@ -554,6 +554,100 @@ def watch(job_id: int, url: str | None, api_key: str | None, as_json: bool) -> N
     sys.exit(0 if last is None or last.type == "succeeded" else 1)
 
 
+@main.command()
+@env_option("--url", field="url", help="Web tier URL.")
+@env_option("--key", field="api_key", help="API key.")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+def schedules(url: str | None, api_key: str | None, as_json: bool) -> None:
+    """List the periodic jobs: spec, last enqueued slot and its job, next run."""
+    rows = _client_call(url, api_key, lambda c: c.schedules())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        last = f"{r['last_slot']} (job {r['last_job_id']}, {r['last_job_state']})"
+        click.echo(
+            f"{r['name']:<24} {r['spec']:<22} {r['timezone']:<12} next {r['next_run']}  "
+            f"last {last if r['last_slot'] else '-'}"
+        )
+
+
+@main.group()
+def queue() -> None:
+    """Pause, resume or limit a queue, live, for every worker replica."""
+
+
+def _queue_change(name: str, changes: dict[str, Any], url: str | None, key: str | None) -> None:
+    click.echo(
+        json.dumps(_client_call(url, key, lambda c: c.change_queue(name, changes)), indent=2)
+    )
+
+
+def _client_call(url: str | None, api_key: str | None, call: Callable[[Any], Any]) -> Any:
+    from tierline.client import Client, ClientError
+
+    settings = load_settings(url=url, api_key=api_key)
+    try:
+        with Client(_url(settings), api_key=_key(settings)) as client:
+            return call(client)
+    except ClientError as exc:
+        fail(str(exc), 1)
+
+
+_URL = env_option("--url", field="url", help="Web tier URL.")
+_KEY = env_option("--key", field="api_key", help="API key (admin scope).")
+
+
+@queue.command("pause")
+@click.argument("name")
+@_URL
+@_KEY
+def queue_pause(name: str, url: str | None, api_key: str | None) -> None:
+    """Stop starting NAME's jobs (running ones finish; enqueueing still works)."""
+    _queue_change(name, {"paused": True}, url, api_key)
+
+
+@queue.command("resume")
+@click.argument("name")
+@_URL
+@_KEY
+def queue_resume(name: str, url: str | None, api_key: str | None) -> None:
+    """Start NAME's jobs again."""
+    _queue_change(name, {"paused": False}, url, api_key)
+
+
+@queue.command("set")
+@click.argument("name")
+@click.option("--max-running", help="Jobs running at once, cluster-wide ('none': no limit).")
+@click.option("--rate-limit", help="Jobs started per interval: 20/s, 100/m ('none': no limit).")
+@click.option("--partition-by", help="Limits per value of this argument ('none': whole queue).")
+@click.option("--reset", is_flag=True, help="Back to the code's declaration (app.queue) first.")
+@_URL
+@_KEY
+def queue_set(
+    name: str,
+    max_running: str | None,
+    rate_limit: str | None,
+    partition_by: str | None,
+    reset: bool,
+    url: str | None,
+    api_key: str | None,
+) -> None:
+    """Change NAME's limits; fields not given stay as they are."""
+    changes: dict[str, Any] = {"reset": True} if reset else {}
+    for field, value in (("rate_limit", rate_limit), ("partition_by", partition_by)):
+        if value is not None:
+            changes[field] = None if value.lower() == "none" else value
+    if max_running is not None:
+        try:
+            changes["max_running"] = None if max_running.lower() == "none" else int(max_running)
+        except ValueError:
+            fail(f"--max-running {max_running!r}: a number or 'none'")
+    if not changes:
+        fail("give --max-running, --rate-limit, --partition-by or --reset")
+    _queue_change(name, changes, url, api_key)
+
+
 def _describe(data: Any) -> str:
     if not isinstance(data, dict):
         return json.dumps(data)

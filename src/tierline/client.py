@@ -216,6 +216,15 @@ class Client(_Endpoints):
         result: dict[str, Any] = self._request("GET", f"/v1/jobs/{job_id}").json()
         return result
 
+    def change_queue(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """``PATCH /v1/queues/{name}``: limits, ``paused``, or ``reset``."""
+        result: dict[str, Any] = self._request("PATCH", f"/v1/queues/{name}", json=changes).json()
+        return result
+
+    def schedules(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request("GET", "/v1/schedules").json()["schedules"]
+        return result
+
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             resp = self.http.request(method, self.url + path, **kw)

@@ -9,6 +9,10 @@ a live change of a field wins over the code's until the queue is reset. The limi
 enforced by the claim (``claims.py``): a limited queue's claimers take turns under the
 queue's row lock, so no number of replicas can exceed them. A queue without a row, or
 with a row and no limit, claims exactly as it always did.
+
+``overview`` is what ``GET /v1/queues`` and the metrics show of each queue: its
+settings, how many live workers serve it, and whether jobs wait in it unserved (no live
+worker lists it: they would wait silently forever).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
 
+from tierline import metrics
 from tierline.database import Conn
 from tierline.jobs import QUEUE_PATTERN
 from tierline.queries import QUERIES
@@ -158,3 +164,50 @@ async def stored(conn: Conn) -> dict[str, dict[str, Any]]:
     """Every stored queue row, by name, as the API shows it."""
     rows = await (await conn.execute(QUERIES["queue_list"])).fetchall()
     return {r["name"]: public(r) for r in rows}
+
+
+async def overview(pool: AsyncConnectionPool[Conn], snap: dict[str, Any]) -> dict[str, Any]:
+    """The queue statistics (``Stats.queues``) with each queue's settings and serving
+    workers; queues with settings but no jobs are listed too. Sets the queue gauges."""
+    async with pool.connection() as conn:
+        settings = await stored(conn)
+        rows = await (await conn.execute(QUERIES["served_queues"])).fetchall()
+    served = {r["queue"]: int(r["workers"]) for r in rows}
+    out = []
+    known = {q["queue"]: q for q in snap["queues"]}
+    for name in sorted(set(known) | set(settings)):
+        q = dict(known.get(name) or _empty(name))
+        cfg = settings.get(name) or public(_NO_SETTINGS | {"name": name})
+        counts = q["counts"]
+        waiting = counts.get("available", 0) + counts.get("retrying", 0)
+        waiting += counts.get("scheduled", 0) if q.get("oldest_available_age_s") else 0
+        q.update({k: v for k, v in cfg.items() if k != "queue"})
+        q["workers"] = served.get(name, 0)
+        q["unserved"] = waiting > 0 and q["workers"] == 0
+        metrics.QUEUE_PAUSED.labels(name).set(int(q["paused"]))
+        metrics.QUEUE_UNSERVED.labels(name).set(int(q["unserved"]))
+        out.append(q)
+    return {**snap, "queues": out}
+
+
+_NO_SETTINGS: dict[str, Any] = {
+    "paused": False,
+    "paused_at": None,
+    "max_running": None,
+    "rate_limit": None,
+    "partition_by": None,
+    "declared": {},
+    "overrides": [],
+}
+
+
+def _empty(name: str) -> dict[str, Any]:
+    states = ("scheduled", "available", "running", "retrying", "succeeded", "failed", "cancelled")
+    return {
+        "queue": name,
+        "counts": dict.fromkeys(states, 0),
+        "oldest_available_age_s": None,
+        "throughput_per_s": {"1m": 0.0, "5m": 0.0, "15m": 0.0},
+        "finished": {"1m": 0, "5m": 0, "15m": 0},
+        "failed_15m": 0,
+    }

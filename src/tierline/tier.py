@@ -16,7 +16,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from tierline import tracing
+from tierline import limits, tracing
 from tierline.app import App
 from tierline.database import Conn
 from tierline.lifecycle import Shutdown, SideTasks
@@ -116,7 +116,7 @@ class Tier(ABC):
         if self.replica.pool_saturated():
             return
         try:
-            await self.stats.queues()
+            await limits.overview(self.stats.pool, await self.stats.queues())
             await self.stats.cluster()
             await self.recommender.current()  # tierline_recommended_replicas
         except Exception:  # database metrics are best effort; the rest still answers

@@ -85,16 +85,19 @@ SELECT * FROM tierline.queues WHERE name = %(queue)s FOR UPDATE;
 -- the argument `partition_by`, '' without one): running jobs and starts within the rate
 -- window are counted, then the first waiting jobs in claim order are taken as far as
 -- each partition's room allows. Partitioned queues look at the first `scan` waiting
--- jobs, so one busy partition does not hide the others.
-WITH running AS (
+-- jobs, so one busy partition does not hide the others. Times are taken once, after the
+-- lock (`t`): in lock order, so the starts' window is exact whatever the claimers' clocks.
+WITH t AS (
+    SELECT clock_timestamp() AS now
+), running AS (
     SELECT coalesce(j.args ->> %(partition_by)s::text, '') AS part, count(*) AS n
     FROM tierline.jobs j
     WHERE %(max_running)s::int IS NOT NULL AND j.state = 'running' AND j.queue = %(queue)s
     GROUP BY 1
 ), recent AS (
-    SELECT s.part, count(*) AS n FROM tierline.queue_starts s
+    SELECT s.part, count(*) AS n FROM tierline.queue_starts s, t
     WHERE %(rate_count)s::int IS NOT NULL AND s.queue = %(queue)s
-      AND s.at > now() - make_interval(secs => %(rate_period_s)s::float8)
+      AND s.at > t.now - make_interval(secs => %(rate_period_s)s::float8)
     GROUP BY 1
 ), waiting AS (
     SELECT id, priority, run_at, coalesce(args ->> %(partition_by)s::text, '') AS part
@@ -122,13 +125,13 @@ WITH running AS (
 ), claimed AS (
     UPDATE tierline.jobs j
     SET state = 'running', attempt = j.attempt + 1, lease_owner = %(owner)s,
-        lease_expires_at = now() + make_interval(secs => %(lease_s)s),
-        started_at = now(), updated_at = now(), event_seq = j.event_seq + 1
-    FROM picked WHERE j.id = picked.id
-    RETURNING j.*, now() AS claimed_at
+        lease_expires_at = t.now + make_interval(secs => %(lease_s)s),
+        started_at = t.now, updated_at = t.now, event_seq = j.event_seq + 1
+    FROM picked, t WHERE j.id = picked.id
+    RETURNING j.*, t.now AS claimed_at
 ), starts AS (
     INSERT INTO tierline.queue_starts (queue, part, at)
-    SELECT queue, coalesce(args ->> %(partition_by)s::text, ''), now() FROM claimed
+    SELECT queue, coalesce(args ->> %(partition_by)s::text, ''), claimed_at FROM claimed
     WHERE %(rate_count)s::int IS NOT NULL
 ), ev AS (
     INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
@@ -150,12 +153,14 @@ WHERE s.at < now() - make_interval(secs => coalesce(
     (SELECT q.rate_period_s FROM tierline.queues q WHERE q.name = s.queue), 0));
 
 -- name: served_queues
--- The queues live worker replicas serve (from their registry rows).
-SELECT DISTINCT jsonb_array_elements_text(stats -> 'queues') AS queue
-FROM tierline.replicas
-WHERE tier = 'worker' AND stopped_at IS NULL
-  AND heartbeat_at + make_interval(secs => lease_s) > now()
-  AND jsonb_typeof(stats -> 'queues') = 'array';
+-- The queues live worker replicas serve (from their registry rows), and by how many.
+SELECT q.queue, count(*) AS workers
+FROM tierline.replicas r
+CROSS JOIN LATERAL jsonb_array_elements_text(r.stats -> 'queues') AS q(queue)
+WHERE r.tier = 'worker' AND r.stopped_at IS NULL
+  AND r.heartbeat_at + make_interval(secs => r.lease_s) > now()
+  AND jsonb_typeof(r.stats -> 'queues') = 'array'
+GROUP BY q.queue;
 
 -- name: retry_failed
 -- Bulk retry of a queue's failed jobs (the dashboard's button), at most `limit`.

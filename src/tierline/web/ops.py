@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from tierline import health
+from tierline import health, limits
 from tierline.web.errors import COMMON
 from tierline.web.runtime import Runtime, runtime, scoped
 
@@ -46,8 +46,11 @@ async def recommendations(rt: Runtime = scoped("read")) -> dict[str, Any]:
 
 @router.get("/v1/queues", responses=COMMON)
 async def queues(rt: Runtime = scoped("read")) -> dict[str, Any]:
-    """Per queue: jobs in each state, oldest due age, throughput over 1, 5 and 15 minutes."""
-    return await rt.require_stats().queues()
+    """Per queue: jobs in each state, oldest due age, throughput over 1, 5 and 15 minutes;
+    its settings (paused, max_running, rate_limit, partition_by), the live workers that
+    serve it, and `unserved` when jobs wait that no live worker serves."""
+    stats = rt.require_stats()
+    return await limits.overview(stats.pool, await stats.queues())
 
 
 @router.get("/v1/cluster", responses=COMMON)

@@ -724,6 +724,36 @@
   }
 
   // -- queues ------------------------------------------------------------------------------------
+  // The operator's column: what holds the queue back (paused, unserved, limits) and the
+  // buttons that act on it (ops.js handles the clicks; they need the admin scope).
+  function controlCell(q) {
+    const td = el("td", "control");
+    if (q.paused) td.append(el("span", "badge bad", "paused"));
+    if (q.unserved) {
+      const b = el("span", "badge warn", "no worker");
+      b.title = "Jobs wait here but no live worker serves this queue (TIERLINE_WORKER_QUEUES)";
+      td.append(b);
+    }
+    if (q.max_running !== null && q.max_running !== undefined) {
+      td.append(el("span", "badge", `max ${q.max_running}`));
+    }
+    if (q.rate_limit) td.append(el("span", "badge", q.rate_limit));
+    if (q.partition_by) td.append(el("span", "badge", `per ${q.partition_by}`));
+    const toggle = el("button", "act", q.paused ? "Resume" : "Pause");
+    toggle.type = "button";
+    toggle.dataset.action = q.paused ? "resume" : "pause";
+    toggle.dataset.queue = q.queue;
+    td.append(toggle);
+    if (q.counts.failed > 0) {
+      const retry = el("button", "act", "Retry failed");
+      retry.type = "button";
+      retry.dataset.action = "retry-failed";
+      retry.dataset.queue = q.queue;
+      td.append(retry);
+    }
+    return td;
+  }
+
   function renderQueues(data, now) {
     const body = $("#queues tbody");
     const frag = document.createDocumentFragment();
@@ -754,12 +784,13 @@
       }
       tr.append(failed);
       tr.append(el("td", "num", fmtInt(c.cancelled)));
+      tr.append(controlCell(q));
       frag.append(tr);
     }
     if (!data.queues.length) {
       const tr = el("tr");
       const td = el("td", "empty", "no jobs yet");
-      td.colSpan = 10;
+      td.colSpan = 11;
       tr.append(td);
       frag.append(tr);
     }
@@ -855,6 +886,10 @@
       await sleep(ms);
     }
   }
+
+  // What ops.js (the operator's panels) shares with this file.
+  window.Tierline = { $, el, fmtInt, fmtAge, api, auth, errorMessage, AuthError, BASE, sseParser,
+    askForKey, refreshAll: () => refreshAll() };
 
   function main() {
     setupKeyForm();
