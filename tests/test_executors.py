@@ -266,3 +266,15 @@ def test_a_worker_stops_without_waiting_for_an_overrunning_thread(
     wait_for(lambda: job(url, job_id)["state"] == "retrying", 30, "the attempt to time out")
     assert worker.stop(timeout=20) == 0  # not after the thread's 120 s
     assert "exiting without waiting for threads that cannot be stopped" in worker.output()
+
+
+def test_children_follow_usable_cores_within_the_concurrency() -> None:
+    from tierline.cores import usable_cores
+    from tierline.executors.dispatch import children_for
+    from tierline.settings import Settings
+
+    cores = usable_cores().usable
+    assert children_for(Settings.from_env({})) == min(cores, 10)
+    assert children_for(Settings.from_env({}, worker_concurrency=1)) == 1
+    assert children_for(Settings.from_env({}, worker_children=3, worker_concurrency=10)) == 3
+    assert children_for(Settings.from_env({}, worker_children=8, worker_concurrency=2)) == 2
