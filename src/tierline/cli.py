@@ -411,7 +411,8 @@ def _echo_role(outcome: Any) -> None:
     help="CPU cores per replica (default: what this machine allows).",
 )
 def plan(web_n: int, workers_n: int, db_max_connections: str | None, cores: float | None) -> None:
-    """Print the connection arithmetic of a deployment; exit 1 when it does not fit."""
+    """Print the connection arithmetic of a deployment (and of the read replica, with
+    TIERLINE_DATABASE_READ_URL); exit 1 when it does not fit either server."""
     from tierline import planning
 
     settings = load_settings(db_max_connections=db_max_connections)
@@ -423,7 +424,12 @@ def plan(web_n: int, workers_n: int, db_max_connections: str | None, cores: floa
                 "server's max_connections"
             )
         server = run_async_value(lambda: planning.read_server_limits(settings))
-    result = planning.plan(settings, web=web_n, workers=workers_n, cores=cores, server=server)
+    read_server = None
+    if settings.read_dsn() is not None and settings.db_read_max_connections is None:
+        read_server = run_async_value(lambda: planning.read_server_limits(settings, read=True))
+    result = planning.plan(
+        settings, web=web_n, workers=workers_n, cores=cores, server=server, read_server=read_server
+    )
     click.echo(planning.render(result))
     sys.exit(0 if result.fits else 1)
 

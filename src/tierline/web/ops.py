@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from tierline import health, limits
+from tierline.stats import read_server
 from tierline.web.errors import COMMON
 from tierline.web.runtime import Runtime, runtime, scoped
 
@@ -65,7 +66,34 @@ async def cluster(rt: Runtime = scoped("read")) -> dict[str, Any]:
         "claimed": snap["claimed_connections"],
         "free": (b.total - snap["claimed_connections"]) if b else None,
     }
+    if rt.reads is not None and rt.replica.reads is not None:
+        snap["read_replica"] = await read_replica(rt, snap["read_claimed_connections"])
     return snap
+
+
+async def read_replica(rt: Runtime, claimed: int) -> dict[str, Any]:
+    """The read replica's side of the cluster: its budget (the read pools' claims), its
+    server, and where this replica's reads go now."""
+    assert rt.reads is not None and rt.replica.reads is not None
+    reads = rt.replica.reads
+    b = reads.budget
+    server: dict[str, Any] | None = None
+    if reads.pool is not None:
+        try:
+            server = await read_server(reads.pool)
+        except Exception:  # the replica is down: the rest of the answer still holds
+            server = None
+    return {
+        "budget": {
+            "total": b.total if b else None,
+            "source": b.source if b else None,
+            "claimed": claimed,
+            "free": (b.total - claimed) if b else None,
+        },
+        "server": server,
+        "routing": rt.reads.describe(),
+        "pool": reads.describe(),
+    }
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -694,6 +694,39 @@
       `${alive} alive` + (hidden > 0 ? ` · ${hidden} more stopped in the last hour` : "");
   }
 
+  // The read replica (TIERLINE_DATABASE_READ_URL): its own budget and server, and where
+  // the answering web replica's reads go; hidden without one.
+  function renderReadReplica(rr) {
+    for (const id of ["chip-read-budget", "chip-read-server", "chip-read-lag"]) {
+      document.getElementById(id).hidden = !rr;
+    }
+    if (!rr) return;
+    const b = rr.budget || {};
+    if (b.total) {
+      const ratio = b.claimed / b.total;
+      setChip("chip-read-budget", `${b.claimed}/${b.total}`, level(ratio, 0.75, 0.9), ratio);
+      document.getElementById("chip-read-budget").title =
+        `Read replica's connection budget: ${b.source || ""}`;
+    }
+    const srv = rr.server || {};
+    if (srv.max_connections) {
+      const ratio = (srv.connections || 0) / srv.max_connections;
+      setChip(
+        "chip-read-server",
+        `${srv.connections}/${srv.max_connections}`,
+        level(ratio, 0.7, 0.8),
+        ratio,
+      );
+    } else {
+      setChip("chip-read-server", "down", "bad", 0);
+    }
+    const r = rr.routing || {};
+    const lag = r.lag_s === null || r.lag_s === undefined ? "?" : `${r.lag_s.toFixed(1)} s`;
+    setChip("chip-read-lag", `${r.target} · lag ${lag}`, r.target === "replica" ? "ok" : "warn");
+    document.getElementById("chip-read-lag").title =
+      r.reason || `Reads on the replica; they move to the primary above ${r.max_lag_s} s of lag`;
+  }
+
   function renderCluster(cluster, now) {
     tierChip("chip-web", cluster.tiers.web);
     tierChip("chip-worker", cluster.tiers.worker);
@@ -713,6 +746,7 @@
         ratio,
       );
     }
+    renderReadReplica(cluster.read_replica);
     renderReplicas(cluster);
     // Web latency: the worst live replica (an incident shows on one replica first).
     const web = cluster.replicas.filter((r) => r.tier === "web" && r.alive && r.stats && r.stats.http);
