@@ -67,6 +67,8 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def sample(metrics: dict[Any, float], name: str, **labels: str) -> float:
+    if name.startswith("tierline_db_pool_"):
+        labels.setdefault("target", "primary")  # the tier's pool (not a read replica's)
     return metrics[(name, tuple(sorted(labels.items())))]
 
 
