@@ -211,3 +211,18 @@ def test_missed_slots_make_one_catch_up_run_or_none() -> None:
     assert newest == slots[-1]
     skip = Schedule.make("noop", None, 2, {}, "s", "UTC", False)
     assert all(s > NOW for s in plan(skip, last, NOW)[0])
+
+
+async def test_retrying_a_unique_job_beside_its_duplicate_is_a_conflict(pool: Any) -> None:
+    from tierline.errors import InvalidTransition
+
+    q = Queue(app, pool)
+    first, _ = await q.enqueue(JobRequest(kind="add", args={"a": 3}, unique=True))
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE tierline.jobs SET state = 'failed', finished_at = now() WHERE id = %s",
+            (first.id,),
+        )
+    await q.enqueue(JobRequest(kind="add", args={"a": 3}, unique=True))
+    with pytest.raises(InvalidTransition, match="unique"):
+        await q.retry(first.id)

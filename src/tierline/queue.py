@@ -154,9 +154,14 @@ class Queue:
         return await self._transition("retry", job_id, "only finished jobs can be retried")
 
     async def _transition(self, name: str, job_id: int, refusal: str) -> Job:
-        async with self.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(QUERIES[name], {"id": job_id})
-            row = await cur.fetchone()
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                cur = await conn.execute(QUERIES[name], {"id": job_id})
+                row = await cur.fetchone()
+        except psycopg.errors.UniqueViolation:  # a unique job (unique.py) runs again
+            raise InvalidTransition(
+                f"job {job_id} is unique and a job with the same key is waiting or running"
+            ) from None
         if row is None:
             raise JobNotFound(f"job {job_id} not found")
         if not row["changed"]:

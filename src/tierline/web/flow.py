@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import psycopg
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -66,10 +67,17 @@ async def retry_failed(
     rt: Runtime = scoped("admin"),
 ) -> dict[str, Any]:
     """Run the queue's failed jobs again (at most `limit`, oldest first)."""
-    async with rt.require_queue().pool.connection() as conn, conn.transaction():
-        row = await (
-            await conn.execute(QUERIES["retry_failed"], {"queue": name, "limit": limit})
-        ).fetchone()
+    try:
+        async with rt.require_queue().pool.connection() as conn, conn.transaction():
+            row = await (
+                await conn.execute(QUERIES["retry_failed"], {"queue": name, "limit": limit})
+            ).fetchone()
+    except psycopg.errors.UniqueViolation:
+        raise ApiError(
+            409,
+            "conflict",
+            "a failed unique job has a duplicate waiting or running; retry the others one by one",
+        ) from None
     return {"queue": name, "retried": int(row["retried"]) if row else 0}
 
 
