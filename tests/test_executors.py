@@ -278,3 +278,37 @@ def test_children_follow_usable_cores_within_the_concurrency() -> None:
     assert children_for(Settings.from_env({}, worker_concurrency=1)) == 1
     assert children_for(Settings.from_env({}, worker_children=3, worker_concurrency=10)) == 3
     assert children_for(Settings.from_env({}, worker_children=8, worker_concurrency=2)) == 2
+
+
+def test_where_each_handler_runs() -> None:
+    from tierline.executors.dispatch import Executors
+    from tierline.settings import Settings
+
+    app = App("where")
+
+    @app.job()
+    async def on_loop() -> None: ...
+
+    @app.job()
+    def plain() -> None: ...
+
+    @app.job(uses_db=True)
+    def with_pool() -> None: ...
+
+    @app.job(executor="thread")
+    def pinned() -> None: ...
+
+    by_default = Executors(app, Settings.from_env({}))
+    processes = Executors(app, Settings.from_env({}, worker_executor="process"))
+    try:
+        where = {k: (by_default.where(h), processes.where(h)) for k, h in app.handlers.items()}
+    finally:
+        by_default.threads.close()
+        processes.threads.close()
+    assert where == {
+        "on_loop": ("loop", "loop"),
+        "plain": ("thread", "process"),
+        "with_pool": ("thread", "thread"),  # a pool connection cannot cross into a child
+        "pinned": ("thread", "thread"),
+    }
+    assert processes.process_kinds() == ["plain"]
