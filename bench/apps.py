@@ -1,5 +1,6 @@
 """The benchmark application: the demo app's job kinds plus ``stamp``, ``burn`` and
-``noop_sync``.
+``noop_sync`` and
+``tally``.
 
 Workers of ``bench/pickup`` run it (``TIERLINE_APP=bench.apps:app``); producers use it to
 validate what they enqueue.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from bench.tally import mark
 from tierline.app import App
 from tierline.demo import app as demo
 
@@ -36,3 +38,10 @@ def burn(iterations: int = 1_000_000) -> int:
 def noop_sync() -> None:
     """A plain function that does nothing: the per-job overhead of an executor."""
     return None
+
+
+@app.job()
+async def tally(i: int = -1) -> None:
+    """Records its start in the worker (``bench/tally.py``): the handler clock of
+    ``bench/compare``."""
+    mark(i)

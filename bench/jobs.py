@@ -4,6 +4,7 @@ and the count of unfinished ones."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -36,7 +37,9 @@ async def producer(url: str) -> AsyncIterator[Any]:
     try:
         yield app
     finally:
-        queue = getattr(app, "_queue", None)  # App has no public close (yet)
+        # App has no public close (yet): the private pool of this event loop's queue.
+        own = getattr(app.producer, "_own", {})
+        queue = own.get(asyncio.get_running_loop())
         if queue is not None:
             await queue.pool.close()
 

@@ -145,3 +145,17 @@ def test_cpu(server_url: str, out: Path) -> None:
     assert set(r["median_rate_per_s"]) == {"thread", "process, 1 child", "process, 2 children"}
     assert all(run["complete"] for run in r["runs"] + r["overhead_runs"])
     assert set(r["noop_handler_ms"]) == {"thread", "process"}
+
+
+def test_compare_driver(server_url: str, out: Path) -> None:
+    """bench/compare's driver on Tierline alone: the peers' venv is built only by hand
+    (it needs the package registry), so the test run installs nothing."""
+    r = run_bench("compare", server_url, out, "--tierline-only")
+    assert r["systems"] == ["tierline"]
+    assert set(r["summary"]) == {"drain", "enqueue_single", "enqueue_batch", "io_1", "pickup"}
+    assert not [x for x in r["runs"] if "error" in x]
+    assert all(x["stored"] == x["jobs"] for x in r["runs"] if "stored" in x)
+    drain = next(x for x in r["runs"] if x["key"] == "drain")
+    assert drain["finished"] == drain["jobs"]
+    assert drain["cost"]["wal_bytes_per_job"] > 0
+    assert r["databases_left"] == 0
