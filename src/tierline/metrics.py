@@ -255,6 +255,16 @@ QUEUE_UNSERVED = gauge(
     "Any 1: those jobs never run; add the queue to a worker's TIERLINE_WORKER_QUEUES.",
     "both",
 )
+WORKER_QUEUE_HANDLERS = gauge(
+    "tierline_worker_queue_handlers",
+    "Job kinds registered with this queue as their default, for each queue this worker "
+    "serves (TIERLINE_WORKER_QUEUES).",
+    ("queue",),
+    "0: a queue this worker polls that no handler of its application sends jobs to by "
+    "default (a typo in TIERLINE_WORKER_QUEUES, or the wrong TIERLINE_APP); it gets only "
+    "jobs enqueued to it by name.",
+    "worker",
+)
 REPLICAS = gauge(
     "tierline_replicas",
     "Live replicas per tier, from the replica registry.",

@@ -79,6 +79,17 @@ class Worker:
         self._loop = asyncio.get_event_loop()
         for kind in (k for k, h in app.handlers.items() if h.queue not in self.queues):
             log.debug("handler's default queue is not worked here", kind=kind)
+        for queue in self.queues:
+            kinds = sum(1 for h in app.handlers.values() if h.queue == queue)
+            metrics.WORKER_QUEUE_HANDLERS.labels(queue).set(kinds)
+            if not kinds:
+                log.warning(
+                    "no job kind of the application has this queue as its default: the "
+                    "worker gets only jobs enqueued to it by name",
+                    queue=queue,
+                    variable="TIERLINE_WORKER_QUEUES",
+                    app=app.name,
+                )
 
     # -- the run loop ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> bool:
