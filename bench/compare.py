@@ -83,8 +83,9 @@ def server(args: Any) -> Iterator[str]:
 def run_one(
     args: Any, admin: str, system: str, workload: str, extra: list[str], peers_py: Path | None
 ) -> dict[str, Any]:
-    if system == "tierline":
-        argv = [sys.executable, "-m", "bench.compare_tierline"]
+    if system in ("tierline", "limit"):
+        module = "bench.compare_tierline" if system == "tierline" else "bench.limit_sql"
+        argv = [sys.executable, "-m", module]
     else:
         assert peers_py is not None
         argv = [str(peers_py), "-m", "bench.compare_peers", system]
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 for system in systems[k:] + systems[:k]:
                     r = run_one(args, admin, system, workload, extra, peers_py)
                     runs.append({**r, "key": key, "round": rnd + 1})
-                    command.say(f"round {rnd + 1} {key} {system}: {_brief(r)}")
+                    command.say(f"round {rnd + 1} {key} {system}: {brief(r)}")
         leftovers = query(
             admin, "SELECT count(*) AS n FROM pg_database WHERE datname LIKE 'tierline_bench_cmp_%'"
         )[0]["n"]
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any("error" in r for r in runs) else 0
 
 
-def _brief(r: dict[str, Any]) -> str:
+def brief(r: dict[str, Any]) -> str:
     if "error" in r:
         return "FAILED"
     keys = ("handler_rate", "db_rate", "rate", "pct_of_ideal")

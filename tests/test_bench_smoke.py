@@ -159,3 +159,25 @@ def test_compare_driver(server_url: str, out: Path) -> None:
     assert drain["finished"] == drain["jobs"]
     assert drain["cost"]["wal_bytes_per_job"] > 0
     assert r["databases_left"] == 0
+
+
+def test_limit(server_url: str, out: Path) -> None:
+    """Tierline beside the cheapest SQL for the same work, on the test server."""
+    r = run_bench("limit", server_url, out)
+    assert set(r["summary"]) == {"drain", "enqueue_single", "enqueue_batch"}
+    assert not [x for x in r["runs"] if "error" in x]
+    for s in r["summary"].values():
+        assert s["systems"]["limit"]["rate"] and s["systems"]["tierline"]["rate"]
+
+
+def test_write_path(server_url: str, out: Path) -> None:
+    """The write-path analysis runs on a private server of its own (pg_stat_statements)."""
+    r = run_bench("write-path", server_url, out)
+    names = {s["statement"] for s in r["statements"]}
+    assert {"enqueue", "enqueue_batch", "claim", "finish_batch"} <= names
+    assert set(r["variants"]) == {
+        "as is",
+        "no NOTIFY",
+        "no enqueued event row",
+        "no jobs_state_id_idx",
+    }
