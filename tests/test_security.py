@@ -48,6 +48,9 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/jobs/{job_id}/events"): "read",
     ("GET", "/v1/events"): "read",
     ("GET", "/v1/queues"): "read",
+    ("PATCH", "/v1/queues/{name}"): "admin",
+    ("POST", "/v1/queues/{name}/retry-failed"): "admin",
+    ("GET", "/v1/schedules"): "read",
     ("GET", "/v1/cluster"): "read",
     ("GET", "/v1/recommendations"): "read",
 }
@@ -96,13 +99,15 @@ def call(
     url: str, method: str, template: str, job_id: int, key: str | None, **kw: Any
 ) -> httpx.Response:
     """One request; SSE streams are opened, their status and headers read, then closed."""
-    path = template.replace("{job_id}", str(job_id))
+    path = template.replace("{job_id}", str(job_id)).replace("{name}", "default")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body: Any = None
     if template == "/v1/jobs":
         body = {"kind": "noop"} if method == "POST" else None
     elif template.endswith("/batch"):
         body = {"jobs": [{"kind": "noop"}]}
+    elif method == "PATCH":
+        body = {"paused": False}
     with (
         httpx.Client(timeout=10) as client,
         client.stream(method, url + path, json=body, headers=headers, **kw) as r,
