@@ -17,6 +17,20 @@ if TYPE_CHECKING:
 MAX_MESSAGE = 2000
 
 
+def progress_data(fraction: float | None, message: str) -> dict[str, Any]:
+    """A progress event's data: ``fraction`` checked and clamped to 0..1."""
+    if fraction is not None:
+        if not isinstance(fraction, int | float) or math.isnan(fraction):
+            raise ValueError("fraction must be a number in 0..1")
+        fraction = min(1.0, max(0.0, float(fraction)))
+    return {"fraction": fraction, "message": str(message)[:MAX_MESSAGE]}
+
+
+def log_data(message: str) -> dict[str, Any]:
+    """A log event's data."""
+    return {"message": str(message)[:MAX_MESSAGE]}
+
+
 class JobContext:
     """Passed as the first argument (``ctx``) to handlers that ask for it."""
 
@@ -49,15 +63,11 @@ class JobContext:
     # -- progress and logs (stored as job events, written in batches) ------------------------
     def progress(self, fraction: float | None = None, message: str = "") -> None:
         """Report progress (``fraction`` in 0..1); safe from threads; never blocks."""
-        if fraction is not None:
-            if not isinstance(fraction, int | float) or math.isnan(fraction):
-                raise ValueError("fraction must be a number in 0..1")
-            fraction = min(1.0, max(0.0, float(fraction)))
-        self._send("progress", {"fraction": fraction, "message": str(message)[:MAX_MESSAGE]})
+        self._send("progress", progress_data(fraction, message))
 
     def log(self, message: str) -> None:
         """Add a line to the job's event stream."""
-        self._send("log", {"message": str(message)[:MAX_MESSAGE]})
+        self._send("log", log_data(message))
 
     def _send(self, type_: str, data: dict[str, Any]) -> None:
         try:

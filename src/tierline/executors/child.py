@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import queue
 import signal
@@ -26,12 +25,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from tierline.context import log_data, progress_data
 from tierline.errors import TierlineError
 from tierline.executors.wire import Channel
 from tierline.memory import resident_bytes
 from tierline.outcomes import Cancel, Retry
 
-MAX_MESSAGE = 2000
 MAX_ERROR_CHARS = 8000
 
 
@@ -51,15 +50,11 @@ class ChildContext:
 
     def progress(self, fraction: float | None = None, message: str = "") -> None:
         """Report progress (``fraction`` in 0..1); safe from threads."""
-        if fraction is not None:
-            if not isinstance(fraction, int | float) or math.isnan(fraction):
-                raise ValueError("fraction must be a number in 0..1")
-            fraction = min(1.0, max(0.0, float(fraction)))
-        self._send("progress", {"fraction": fraction, "message": str(message)[:MAX_MESSAGE]})
+        self._send("progress", progress_data(fraction, message))
 
     def log(self, message: str) -> None:
         """Add a line to the job's event stream."""
-        self._send("log", {"message": str(message)[:MAX_MESSAGE]})
+        self._send("log", log_data(message))
 
     def _send(self, op: str, data: dict[str, Any]) -> None:
         self._channel.send({"op": op, "job_id": self.job_id, **data})
