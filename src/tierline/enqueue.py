@@ -269,5 +269,10 @@ def _new_job(row: dict[str, Any], r: dict[str, Any]) -> Job:
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
-    run_at = row["run_at"]
-    return {**row, "run_at": run_at.isoformat() if run_at is not None else None}
+    """A batch row as JSON, without its null fields: ``jsonb_to_recordset`` fills a
+    missing key with NULL, so leaving them out changes nothing but the size (about 84
+    instead of 252 bytes for a job with defaults: less to encode, send and parse)."""
+    out = {k: v for k, v in row.items() if v is not None}
+    if "run_at" in out:
+        out["run_at"] = out["run_at"].isoformat()
+    return out
