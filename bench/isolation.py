@@ -42,10 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--worker-cpu-quota", type=float, default=None, help="CPU cores per worker (quota)."
     )
+    p.add_argument(
+        "--web-cpu-quota",
+        type=float,
+        default=None,
+        help="CPU cores of the web replica (quota): both tiers limited, as on separate nodes.",
+    )
     p.add_argument("--reads", type=int, default=2000, help="Jobs (or reports) seeded for GET.")
     webload.add_mix_option(p)
     args = p.parse_args(argv)
     webload.settle_mix(args)
+    if (args.web_cpu_quota or args.worker_cpu_quota) and not cpuquota.CpuQuota(NAME).available:
+        p.error(f"CPU quotas: {cpuquota.CpuQuota(NAME).reason}")
     app_mix = args.mix == "app"
     backlog_queue = example.BACKLOG_QUEUE if app_mix else "default"
     if args.smoke:
@@ -65,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(jobs.seed(url, "noop", {}, args.backlog, held=True))
             port = free_port()
             with launch.processes() as procs:
-                webload.start_web(args, url, logs, procs, 1, port, "iso", mix=args.mix)
+                web_group = quota.group("web", args.web_cpu_quota) if args.web_cpu_quota else None
+                webload.start_web(
+                    args, url, logs, procs, 1, port, "iso", mix=args.mix, cgroups=[web_group]
+                )
                 unit = args.rate
                 if unit is None:
                     capacity = webload.loadgen(
@@ -178,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             "backlog": args.backlog,
             **drained,
         },
+        "web_cpu_quota_cores": args.web_cpu_quota if quota.available else None,
         "phases": phases,
         "target": verdict,
     }
@@ -204,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         f"each, run beside them: {drained.get('post_reports_jobs_finished_during_phase', 0):,} "
         "finished during the phase)"
     )
+    web_quota = (
+        f" under a CPU quota of {args.web_cpu_quota:g} cores"
+        if args.web_cpu_quota and quota.available
+        else ""
+    )
     md = [
-        f"One web replica at R = {unit:g} req/s (open loop, {mix_text}); worker tier: "
+        f"One web replica{web_quota} at R = {unit:g} req/s (open loop, {mix_text}); worker tier: "
         f"{args.workers} replica(s) x concurrency {args.concurrency}{quota_text}, draining "
         f"{args.backlog:,} {backlog_text} ({drained.get('drain_rate_per_s', 'n/a')} jobs/s "
         f"during the phase, backlog "

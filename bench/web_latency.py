@@ -10,6 +10,10 @@ process): constant arrival rate, latency from the intended send time. The mix
 (``GET /v1/jobs?limit=20``); ``app`` hosts the example application (``examples/reports``)
 on the replicas and requests its database-backed routes instead: 10 % ``POST /reports``
 (a row and its job in one transaction), 70 % ``GET /reports/{id}``, 20 % ``GET /reports``.
+
+``--web-cpu-quota Q`` runs each web replica in a cgroup of its own with a CFS quota of Q
+cores, like a pod's ``resources.limits.cpu``: then R is half of one *limited* replica's
+capacity, and 4 replicas at 4R need 4 x Q cores, not the whole machine.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench import command, jobs, launch, output, webload
+from bench import command, cpuquota, jobs, launch, output, webload
 from tierline.testing.ports import free_port
 
 NAME = "web-latency"
@@ -32,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacity-duration", type=float, default=5.0, help="Seconds (closed loop).")
     p.add_argument("--connections", type=int, default=64, help="Generator connections.")
     p.add_argument("--reads", type=int, default=2000, help="Jobs (or reports) seeded for GET.")
+    p.add_argument(
+        "--web-cpu-quota",
+        type=float,
+        default=None,
+        help="CPU cores per web replica (a cgroup each, CFS quota), like a pod's CPU limit.",
+    )
     webload.add_mix_option(p)
     args = p.parse_args(argv)
     webload.settle_mix(args)
@@ -42,14 +52,42 @@ def main(argv: list[str] | None = None) -> int:
     loads = [float(x) for x in args.loads.split(",") if x]
     machine = output.machine()
     points: list[dict[str, Any]] = []
+    quota = cpuquota.CpuQuota(NAME)
+    if args.web_cpu_quota and not quota.available:
+        p.error(f"--web-cpu-quota: {quota.reason}")
+    throttled: dict[str, float] = {}
+    try:
+        capacity, unit = _run(args, counts, loads, points, quota, throttled)
+    finally:
+        quota.cleanup()
+    return _report(args, machine, counts, loads, points, capacity, unit, throttled)
+
+
+def _run(
+    args: Any,
+    counts: list[int],
+    loads: list[float],
+    points: list[dict[str, Any]],
+    quota: cpuquota.CpuQuota,
+    throttled: dict[str, float],
+) -> tuple[dict[str, Any] | None, float | None]:
+    """Every point into ``points``, each replica group's throttled seconds into
+    ``throttled``; the closed-loop capacity measured and R."""
     capacity: dict[str, Any] | None = None
     with jobs.fresh_database(args.server_url) as url, launch.log_folder(NAME) as logs:
         ids = webload.seed_for_reads(url, args.reads, args.mix)
         unit = args.rate
         for n in counts:
             port = free_port()
+            groups = (
+                [quota.group(f"x{n}-{i}", args.web_cpu_quota) for i in range(n)]
+                if args.web_cpu_quota
+                else []
+            )
             with launch.processes() as procs:
-                webload.start_web(args, url, logs, procs, n, port, f"x{n}", mix=args.mix)
+                webload.start_web(
+                    args, url, logs, procs, n, port, f"x{n}", mix=args.mix, cgroups=groups
+                )
                 if unit is None:
                     capacity = webload.loadgen(
                         port,
@@ -80,6 +118,21 @@ def main(argv: list[str] | None = None) -> int:
                         f"{n} replicas at {mult:g}R = {rate:g} req/s: p50 {lat['p50']} ms, "
                         f"p99 {lat['p99']} ms, p99.9 {lat['p99_9']} ms, errors {r['errors']}"
                     )
+            for i, g in enumerate(groups):
+                throttled[f"x{n}-{i}"] = round(quota.throttled_s(g), 2)
+    return capacity, unit
+
+
+def _report(
+    args: Any,
+    machine: dict[str, Any],
+    counts: list[int],
+    loads: list[float],
+    points: list[dict[str, Any]],
+    capacity: dict[str, Any] | None,
+    unit: float | None,
+    throttled: dict[str, float],
+) -> int:
     assert unit is not None
     base = next((x for x in points if x["replicas"] == counts[0] and x["load"] == "1R"), None)
     top = next(
@@ -106,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         "mix": webload.MIXES[args.mix],
         "mix_name": args.mix,
         "connections": args.connections,
+        "web_cpu_quota": args.web_cpu_quota,
+        "throttled_s": throttled,
         "points": points,
         "target": verdict,
     }
@@ -115,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         else f"Mix app, the example application's routes (examples/reports hosted by the "
         f"web tier): {webload.MIX_TEXT['app']} (weights {webload.MIXES['app']})"
     )
+    limited = (
+        f"Each web replica in its own cgroup with a CPU quota of {args.web_cpu_quota:g} cores. "
+        if args.web_cpu_quota
+        else ""
+    )
     md = [
-        f"Capacity of one replica (closed loop, 16 connections): "
+        limited + f"Capacity of one replica (closed loop, 16 connections): "
         f"{capacity['achieved_rps'] if capacity else 'n/a'} req/s; R = {unit:g} req/s. "
         f"{mix_text}, {args.connections} keep-alive connections, "
         f"{args.duration:g} s per point, latency from the intended send time.",

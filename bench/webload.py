@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,11 @@ def start_web(
     label: str,
     cgroup: Path | None = None,
     mix: str = "jobs",
+    cgroups: Sequence[Path | None] = (),
 ) -> list[Proc]:
     """``n`` web replicas on one port (``--reuse-port``), all ready; with ``mix="app"``
-    hosting the example application."""
+    hosting the example application. ``cgroup``: one group all replicas join;
+    ``cgroups``: one per replica (each its own quota, like a pod's limit)."""
     hosted = example.ENV if mix == "app" else {}
     mine = []
     for i in range(n):
@@ -93,7 +96,7 @@ def start_web(
             logs,
             f"web-{label}-{i}",
             log_level=args.log_level,
-            cgroup=cgroup,
+            cgroup=cgroups[i] if i < len(cgroups) else cgroup,
             extra_args=["--reuse-port"],
             TIERLINE_WEB_PORT=port,
             TIERLINE_HEARTBEAT_S=1,
