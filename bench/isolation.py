@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import command, cpuquota, example, jobs, launch, output, webload
+from bench import command, cpuquota, example, jobs, launch, output, sampling, webload
+from tierline.testing.databases import dbname
 from tierline.testing.ports import free_port
 
 NAME = "isolation"
@@ -92,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
                     command.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
 
                 def phase(label: str) -> None:
+                    # What the phase cost PostgreSQL (its backends' CPU) and how long the
+                    # limited web replica waited for its quota: which resource saturated.
+                    sampler = sampling.DbSampler(args.server_url, dbname(url))
+                    sampler.start()
+                    throttled0 = cpuquota.CpuQuota.throttled_s(web_group)
+                    t0 = time.monotonic()
                     r = webload.loadgen(
                         port,
                         rate=unit,
@@ -100,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                         warmup=0.3 if args.smoke else 1.0,
                         connections=args.connections,
                         mix=args.mix,
+                    )
+                    elapsed = time.monotonic() - t0
+                    sampler.sample()
+                    db_cpu = sampler.cpu_seconds()
+                    r["db_cpu_cores"] = None if db_cpu is None else round(db_cpu / elapsed, 2)
+                    r["web_throttled_s"] = round(
+                        cpuquota.CpuQuota.throttled_s(web_group) - throttled0, 2
                     )
                     r["phase"] = label
                     phases.append(r)
@@ -229,7 +243,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{'ran out' if drained.get('backlog_ran_out') else 'lasted'}).",
         "",
         output.table(
-            ["phase", "achieved req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "errors"],
+            [
+                "phase",
+                "achieved req/s",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "p99.9 ms",
+                "errors",
+                "db CPU (cores)",
+                "web throttled s",
+            ],
             [
                 (
                     x["phase"],
@@ -239,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                     x["latency_ms"]["p99"],
                     x["latency_ms"]["p99_9"],
                     x["errors"],
+                    "n/a" if x.get("db_cpu_cores") is None else x["db_cpu_cores"],
+                    x.get("web_throttled_s", 0.0),
                 )
                 for x in phases
             ],

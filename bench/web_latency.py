@@ -18,10 +18,12 @@ capacity, and 4 replicas at 4R need 4 x Q cores, not the whole machine.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from bench import command, cpuquota, jobs, launch, output, webload
+from bench import command, cpuquota, jobs, launch, output, sampling, webload
+from tierline.testing.databases import dbname
 from tierline.testing.ports import free_port
 
 NAME = "web-latency"
@@ -102,6 +104,12 @@ def _run(
                     command.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
                 for mult in loads:
                     rate = unit * mult
+                    # PostgreSQL's CPU and the replicas' throttling during the point: which
+                    # resource saturated when the latency leaves the flat region.
+                    sampler = sampling.DbSampler(args.server_url, dbname(url))
+                    sampler.start()
+                    throttled0 = sum(quota.throttled_s(g) for g in groups)
+                    t0 = time.monotonic()
                     r = webload.loadgen(
                         port,
                         rate=rate,
@@ -111,7 +119,14 @@ def _run(
                         connections=args.connections,
                         mix=args.mix,
                     )
+                    elapsed = time.monotonic() - t0
+                    sampler.sample()
+                    db_cpu = sampler.cpu_seconds()
                     r.update({"replicas": n, "load": f"{mult:g}R"})
+                    r["db_cpu_cores"] = None if db_cpu is None else round(db_cpu / elapsed, 2)
+                    r["web_throttled_s"] = round(
+                        sum(quota.throttled_s(g) for g in groups) - throttled0, 2
+                    )
                     points.append(r)
                     lat = r["latency_ms"]
                     command.say(
@@ -192,6 +207,8 @@ def _report(
                 "p99 ms",
                 "p99.9 ms",
                 "errors",
+                "db CPU (cores)",
+                "web throttled s",
             ],
             [
                 (
@@ -204,6 +221,8 @@ def _report(
                     x["latency_ms"]["p99"],
                     x["latency_ms"]["p99_9"],
                     x["errors"],
+                    "n/a" if x.get("db_cpu_cores") is None else x["db_cpu_cores"],
+                    x.get("web_throttled_s", 0.0),
                 )
                 for x in points
             ],
