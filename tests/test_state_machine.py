@@ -66,7 +66,7 @@ LEGAL = {
 }
 EXAMPLES = 50
 STEPS = 40
-MAX_ROUNDS = 3
+MAX_ROUNDS = 5
 
 
 @dataclass
