@@ -35,6 +35,7 @@ from bench.peer_settings import SETTINGS as PEER_SETTINGS
 from tierline.testing.databases import query, scratch_database
 
 NAME = "compare"
+RUN = uuid.uuid4().hex[:6]  # in the names of the databases this run makes
 VENV = command.ROOT / "bench" / ".peers-venv"
 PEERS = ("pgqueuer", "procrastinate")
 DOC = command.ROOT / "docs" / "benchmarks.md"
@@ -93,7 +94,7 @@ def run_one(
     env["PYTHONPATH"] = str(command.ROOT) + (
         os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
     )
-    name = f"tierline_bench_cmp_{system[:4]}_{uuid.uuid4().hex[:8]}"
+    name = f"tierline_bench_cmp_{RUN}_{system[:4]}_{uuid.uuid4().hex[:8]}"
     logs = Path(tempfile.mkdtemp(prefix=f"tierline-bench-compare-{system}-"))
     with scratch_database(admin, name) as url:
         argv += [workload, "--url", url, "--admin-url", admin, "--logs", str(logs), *extra]
@@ -347,8 +348,10 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append({**r, "key": key, "round": rnd + 1})
                     command.say(f"round {rnd + 1} {key} {system}: {brief(r)}")
         leftovers = query(
-            admin, "SELECT count(*) AS n FROM pg_database WHERE datname LIKE 'tierline_bench_cmp_%'"
-        )[0]["n"]
+            admin,
+            "SELECT count(*) AS n FROM pg_database WHERE datname LIKE %s",
+            (f"tierline_bench_cmp_{RUN}_%",),
+        )[0]["n"]  # this run's only: another run's (or a killed one's) are not ours
     meta["ended_at"] = datetime.now(UTC).strftime("%H:%M")
     meta["uptime_at_end"] = subprocess.run(
         ["uptime"], capture_output=True, text=True
