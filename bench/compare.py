@@ -330,13 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, subprocess.SubprocessError) as exc:
             command.say(f"cannot build the peers' venv ({exc}); --tierline-only runs without")
             return 2
-    meta: dict[str, Any] = {
-        "command": output.command_line(NAME),
-        "rounds": args.rounds,
-        "machine": output.machine(),
-        "started_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
-        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-    }
+    meta = run_started(NAME, args.rounds)
     runs: list[dict[str, Any]] = []
     with server(args) as admin:
         meta["server"] = output.server_info(admin)
@@ -352,10 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             "SELECT count(*) AS n FROM pg_database WHERE datname LIKE %s",
             (f"tierline_bench_cmp_{RUN}_%",),
         )[0]["n"]  # this run's only: another run's (or a killed one's) are not ours
-    meta["ended_at"] = datetime.now(UTC).strftime("%H:%M")
-    meta["uptime_at_end"] = subprocess.run(
-        ["uptime"], capture_output=True, text=True
-    ).stdout.strip()
+    run_ended(meta)
     summary = summarize(args, runs, systems)
     data = {
         **meta,
@@ -388,6 +379,28 @@ def brief(r: dict[str, Any]) -> str:
     if "delay_ms" in r:
         got.update({f"delay_{k}": v for k, v in r["delay_ms"].items()})
     return json.dumps(got)
+
+
+def run_started(name: str, rounds: int) -> dict[str, Any]:
+    """A run's metadata at its start: command, machine, time and load (``bench/limit``
+    shares it)."""
+    return {
+        "command": output.command_line(name),
+        "rounds": rounds,
+        "machine": output.machine(),
+        "started_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
+        "uptime": _uptime(),
+    }
+
+
+def run_ended(meta: dict[str, Any]) -> None:
+    """Add the end time and load to ``meta``."""
+    meta["ended_at"] = datetime.now(UTC).strftime("%H:%M")
+    meta["uptime_at_end"] = _uptime()
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ with ``--private-server`` for WAL figures nobody else's writes inflate, and roun
 
 from __future__ import annotations
 
-import subprocess
-from datetime import UTC, datetime
 from typing import Any
 
 from bench import command, compare, output, percentiles
@@ -125,13 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     # compare.workload_points reads these; the limit has no I/O or pickup workload.
     args.io_procs, args.io_window, args.io_warmup = [], 0.0, 0.0
     args.pickup_jobs, args.pickup_rate = 0, 0.0
-    meta: dict[str, Any] = {
-        "command": output.command_line(NAME),
-        "rounds": args.rounds,
-        "machine": output.machine(),
-        "started_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
-        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-    }
+    meta = compare.run_started(NAME, args.rounds)
     runs: list[dict[str, Any]] = []
     with compare.server(args) as admin:
         meta["server"] = output.server_info(admin)
@@ -142,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = compare.run_one(args, admin, system, workload, extra, None)
                     runs.append({**r, "key": key, "round": rnd + 1})
                     command.say(f"round {rnd + 1} {key} {system}: {compare.brief(r)}")
-    meta["ended_at"] = datetime.now(UTC).strftime("%H:%M")
-    meta["uptime_at_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout
+    compare.run_ended(meta)
     summary = summarize(args, runs)
     data = {**meta, "private_server": args.private_server, "summary": summary, "runs": runs}
     md = markdown(args, summary, meta)
