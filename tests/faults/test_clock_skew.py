@@ -71,8 +71,12 @@ if _skew:
 
 def skewed(tmp: Path, skew_s: float) -> dict[str, Any]:
     shim = tmp / "clock-shim"
-    shim.mkdir(exist_ok=True)
-    (shim / "sitecustomize.py").write_text(SHIM)
+    if not (shim / "sitecustomize.py").exists():
+        # Written once, whole: rewriting it while an earlier replica's interpreter starts
+        # let that replica import an empty shim and run on the true clock.
+        shim.mkdir(exist_ok=True)
+        (shim / "sitecustomize.py.tmp").write_text(SHIM)
+        (shim / "sitecustomize.py.tmp").rename(shim / "sitecustomize.py")
     return {
         "TIERLINE_TEST_CLOCK_SKEW_S": skew_s,
         "PYTHONPATH": os.pathsep.join([str(shim), str(ROOT), os.environ.get("PYTHONPATH", "")]),
