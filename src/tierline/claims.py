@@ -18,7 +18,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from tierline.database import Conn
+from tierline.database import Conn, one_round_trip
 from tierline.queries import QUERIES
 
 ROUTES_TTL_S = 1.0
@@ -83,18 +83,19 @@ class Claims:
     async def _open(self, limit: int, skip: list[int]) -> Rows:
         if limit <= 0:
             return []
-        async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute(QUERIES["claim_plan"])  # the index walk, whatever the stats
-            cur = await conn.execute(
-                QUERIES["claim"],
-                {
-                    "queues": self.queues,
-                    "limit": limit,
-                    "owner": self.owner,
-                    "lease_s": self.lease_s,
-                    "skip": skip,
-                },
-            )
+        async with self.pool.connection() as conn:
+            async with one_round_trip(conn):
+                await conn.execute(QUERIES["claim_plan"])  # the index walk, whatever the stats
+                cur = await conn.execute(
+                    QUERIES["claim"],
+                    {
+                        "queues": self.queues,
+                        "limit": limit,
+                        "owner": self.owner,
+                        "lease_s": self.lease_s,
+                        "skip": skip,
+                    },
+                )
             return await cur.fetchall()
 
     async def _limited(self, queue: str, limit: int, skip: list[int]) -> Rows:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -147,6 +149,21 @@ def _pool(
         kwargs={"autocommit": True, "row_factory": dict_row, **(connection or {})},
         **options,
     )
+
+
+@asynccontextmanager
+async def one_round_trip(conn: Conn) -> AsyncIterator[None]:
+    """Statements executed inside run as one transaction, sent and answered in one round
+    trip: a pipeline on an autocommit connection, closed by a single Sync, which the
+    server runs as one implicit transaction (committed at the Sync, rolled back whole if
+    any statement fails, which raises here). A ``set_config(..., true)`` holds until the
+    Sync, like ``SET LOCAL``. Read the cursors' rows after the block: a fetch inside it
+    would cost a round trip of its own. ``conn.transaction()`` would cost four (BEGIN, a
+    sync before COMMIT, COMMIT and the pipeline's own sync)."""
+    if not conn.autocommit:
+        raise RuntimeError("one_round_trip needs an autocommit connection (a pooled one)")
+    async with conn.pipeline():
+        yield
 
 
 # When each pooled connection was last handed back (it was healthy then).

@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tierline import logs, metrics, tracing
 from tierline.backoff import backoff_delays
-from tierline.database import Conn, describe_error
+from tierline.database import Conn, describe_error, one_round_trip
 from tierline.logs import get_logger
 from tierline.queries import QUERIES
 
@@ -141,33 +141,38 @@ class Flusher:
     async def _write_batch(
         self, events: list[tuple[int, str, dict[str, Any]]], finishes: list[Finish]
     ) -> None:
-        async with self.pool.connection() as conn, conn.transaction():
-            if events:
-                await conn.execute(
-                    QUERIES["record_events"],
-                    {
-                        "job_ids": [e[0] for e in events],
-                        "types": [e[1] for e in events],
-                        "datas": [Jsonb(e[2]) for e in events],
-                        "owner": self.owner,
-                        "max_events": self.max_events,
-                    },
-                )
+        rows: list[dict[str, Any]] = []
+        async with self.pool.connection() as conn:
+            async with one_round_trip(conn):
+                if events:
+                    await conn.execute(
+                        QUERIES["record_events"],
+                        {
+                            "job_ids": [e[0] for e in events],
+                            "types": [e[1] for e in events],
+                            "datas": [Jsonb(e[2]) for e in events],
+                            "owner": self.owner,
+                            "max_events": self.max_events,
+                        },
+                    )
+                if finishes:
+                    cur = await conn.execute(
+                        QUERIES["finish_batch"],
+                        {
+                            "ids": [f.job_id for f in finishes],
+                            "attempts": [f.attempt for f in finishes],
+                            "states": [f.state for f in finishes],
+                            "results": [
+                                None if f.result is None else Jsonb(f.result) for f in finishes
+                            ],
+                            "errors": [
+                                None if f.error is None else Jsonb(f.error) for f in finishes
+                            ],
+                            "delays": [f.delay_s for f in finishes],
+                            "owner": self.owner,
+                        },
+                    )
             if finishes:
-                cur = await conn.execute(
-                    QUERIES["finish_batch"],
-                    {
-                        "ids": [f.job_id for f in finishes],
-                        "attempts": [f.attempt for f in finishes],
-                        "states": [f.state for f in finishes],
-                        "results": [
-                            None if f.result is None else Jsonb(f.result) for f in finishes
-                        ],
-                        "errors": [None if f.error is None else Jsonb(f.error) for f in finishes],
-                        "delays": [f.delay_s for f in finishes],
-                        "owner": self.owner,
-                    },
-                )
                 rows = await cur.fetchall()
         if finishes:
             written = {r["id"] for r in rows}

@@ -120,8 +120,10 @@ ORDER BY u.ord;
 -- became due), PostgreSQL expects a handful of due jobs and picks a bitmap scan that
 -- reads and sorts the whole backlog on every claim instead: 290 ms instead of 0.4 ms
 -- per claim at 55,000 due jobs, which halved the throughput of 8 worker replicas.
--- `SET LOCAL` ends with the transaction; nothing else is planned under it.
-SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off;
+-- Local settings (`set_config(..., true)`, `SET LOCAL` as one statement, so that it can
+-- be pipelined with the claim) end with the transaction; nothing else is planned under
+-- them.
+SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_seqscan', 'off', true);
 
 -- name: claim
 -- The River pattern: lock waiting, due jobs with SKIP LOCKED (so claimers never wait on
