@@ -179,5 +179,5 @@ def test_write_path(server_url: str, out: Path) -> None:
         "as is",
         "no NOTIFY",
         "no enqueued event row",
-        "no jobs_state_id_idx",
+        "with jobs_state_id_idx",
     }
