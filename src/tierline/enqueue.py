@@ -68,10 +68,14 @@ def one(registry: Registry, request: JobRequest, max_args_bytes: int) -> Steps[t
             repeatable=(row["idempotency_key"] or row.get("unique_key")) is not None,
         )
         found = rows[0] if rows else None
-        if found:  # empty only when the same key was committed concurrently
-            if found["created"]:
-                metrics.JOBS_ENQUEUED.labels(found["queue"]).inc()
-            return Job.from_row(found), bool(found["created"])
+        if found is None:  # only when the same key was committed concurrently
+            continue
+        if found["created"]:
+            metrics.JOBS_ENQUEUED.labels(row["queue"]).inc()
+            return _new_job(row, found), True
+        got = yield Statement(QUERIES["get_job"], {"id": found["id"]}, repeatable=True)
+        if got:  # the existing job was not pruned in between
+            return Job.from_row(got[0]), False
     raise InvalidTransition(KEY_RACE)
 
 
@@ -254,7 +258,7 @@ def _new_job(row: dict[str, Any], r: dict[str, Any]) -> Job:
         priority=row["priority"],
         attempt=0,
         max_attempts=row["max_attempts"],
-        timeout_s=row["timeout_s"],
+        timeout_s=None if row["timeout_s"] is None else float(row["timeout_s"]),
         idempotency_key=row["idempotency_key"],
         run_at=r["run_at"],
         created_at=r["created_at"],

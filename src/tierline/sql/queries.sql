@@ -6,9 +6,11 @@
 
 -- name: enqueue
 -- One job; with an idempotency key that exists already, or a unique key held by a job in
--- the key's states (unique.py), nothing is inserted and the existing job is returned
--- with created = false. A delay counts from the database's now(), never from the
--- enqueuing replica's clock; so does a unique key's period.
+-- the key's states (unique.py), nothing is inserted and the existing job's id is
+-- returned with created = false. A delay counts from the database's now(), never from
+-- the enqueuing replica's clock; so does a unique key's period. The answer is slim, as
+-- the batch's: what a new row adds to its input (id, state, times); the caller reads an
+-- existing job whole (a repeated key is the rare case).
 WITH v AS (
     SELECT coalesce(%(run_at)s::timestamptz,
                     now() + make_interval(secs => %(delay_s)s::float8)) AS run_at,
@@ -27,7 +29,7 @@ WITH v AS (
            %(unique_states)s::text[]
     FROM v
     ON CONFLICT DO NOTHING  -- the idempotency key's index or the unique key's
-    RETURNING *
+    RETURNING id, queue, kind, state, priority, run_at, created_at
 ), ev AS (
     INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
     SELECT id, 1, 'enqueued', queue, kind,
@@ -38,9 +40,10 @@ WITH v AS (
     UNION ALL
     SELECT pg_notify('tierline_events', id::text) FROM ins
 )
-SELECT ins.*, true AS created FROM ins WHERE (SELECT count(*) FROM notified) >= 0
+SELECT ins.id, ins.state, ins.run_at, ins.created_at, true AS created
+FROM ins WHERE (SELECT count(*) FROM notified) >= 0
 UNION ALL
-(SELECT j.*, false AS created FROM tierline.jobs j, v
+(SELECT j.id, j.state, j.run_at, j.created_at, false AS created FROM tierline.jobs j, v
  WHERE NOT EXISTS (SELECT 1 FROM ins)
    AND ((%(idempotency_key)s::text IS NOT NULL AND j.idempotency_key = %(idempotency_key)s)
         OR (v.unique_key IS NOT NULL AND j.unique_key = v.unique_key
