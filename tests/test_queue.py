@@ -107,6 +107,31 @@ async def test_delay_and_run_at_schedule(queue: Queue) -> None:
     assert job2.state == "scheduled" and abs((job2.run_at - later).total_seconds()) < 1
 
 
+async def test_a_wake_up_during_a_claim_is_not_lost(pool: Any, queue: Queue, db_url: str) -> None:
+    """A job committed while a claim runs (after its snapshot, so the claim cannot see it)
+    is claimed at once when its wake-up arrives during that claim, not a poll interval
+    later."""
+    settings = make_settings(db_url, worker_poll_interval_s=60)
+    async with running_worker(pool, settings) as w:
+        real_take = w.claims.take
+        late: list[Any] = []
+        enqueued = asyncio.Event()
+
+        async def take(limit: int, skip: list[int]) -> list[dict[str, Any]]:
+            rows = await real_take(limit, skip)
+            if not late:  # the claim has run: a job commits, its NOTIFY arrives
+                late.append((await queue.enqueue(JobRequest(kind="noop")))[0])
+                w.wake()
+                enqueued.set()
+            return rows
+
+        w.claims.take = take  # type: ignore[method-assign]
+        w.wake()  # a claim that finds nothing
+        await asyncio.wait_for(enqueued.wait(), 10)
+        job = await wait_state(queue, late[0].id, {"succeeded"}, timeout=10)
+        assert job.attempt == 1
+
+
 async def test_priority_then_age_order(pool: Any, queue: Queue, settings: Settings) -> None:
     low = (await queue.enqueue(JobRequest(kind="noop", priority=-1)))[0]
     mid = (await queue.enqueue(JobRequest(kind="noop")))[0]

@@ -160,7 +160,6 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             if not self._more:
-                self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=self.claims.wait_s(poll))
                 except TimeoutError:
@@ -172,6 +171,10 @@ class Worker:
                 # fewer, larger transactions under load, and no delay when idle.
                 await asyncio.sleep(CLAIM_COALESCE_S)
             limit = self.free_slots()
+            # This claim answers every wake-up so far. One that comes while it runs (a job
+            # committed after the claim's snapshot) stays set and asks for the next claim
+            # at once: cleared after the claim, it waited for the poll interval.
+            self._wake.clear()
             try:
                 got = await self.claim(limit)
             except Exception as exc:
@@ -179,8 +182,8 @@ class Worker:
                 self._more = False
                 await asyncio.sleep(min(poll, 1.0) * random.uniform(0.5, 1.5))
                 continue
-            # A full batch means the queue may hold more; otherwise wait for a signal.
-            self._more = got >= limit > 0
+            # A full batch means the queue may hold more; so does a wake-up meanwhile.
+            self._more = got >= limit > 0 or self._wake.is_set()
 
     async def claim(self, limit: int) -> int:
         if limit <= 0:
