@@ -3,9 +3,11 @@
 WAL is read from ``pg_current_wal_lsn()`` before and after (``pg_wal_lsn_diff``): that
 is server-wide, so on a shared server other sessions' writes are counted too (run on a
 private server, ``--private-server``, for clean figures). Transactions are the
-database's own ``xact_commit + xact_rollback`` (``pg_stat_database``). Statements, a
-client's round trips (one each, no pipelining in any of the measured clients), come
-from ``pg_stat_statements`` when the server has it loaded, else they are None.
+database's own ``xact_commit + xact_rollback`` (``pg_stat_database``). Statements come
+from ``pg_stat_statements`` when the server has it loaded, else they are None. A
+statement is a round trip for a client that does not pipeline; Tierline's claim and
+acknowledgement send two statements in one round trip (``database.one_round_trip``),
+so for Tierline the count is an upper bound on its round trips.
 
 Only psycopg is imported: the peers' runner (``bench/compare_peers.py``, in the peers'
 venv) uses this module too.
@@ -45,7 +47,7 @@ class Cost:
         return {
             "wal_bytes_per_job": round(self.wal_bytes / n, 1),
             "xacts_per_job": round(self.xacts / n, 4),
-            "round_trips_per_job": None
+            "statements_per_job": None
             if self.statements is None
             else round(self.statements / n, 4),
             "wal_bytes": self.wal_bytes,

@@ -5,8 +5,8 @@ Workloads: drain of no-op jobs (the limit: a bare claim + finish loop on one
 connection, 1,000 at a time; Tierline: one ``tierline worker`` with 1,000 slots,
 database-confirmed), enqueue one at a time (the limit: a single-row ``INSERT`` per
 commit) and in batches of 1,000 (one ``INSERT ... SELECT FROM unnest``). Beside each
-figure: WAL bytes, transactions and round trips per job (``bench/dbmeter.py``). Run it
-with ``--private-server`` for WAL figures nobody else's writes inflate, and round trips
+figure: WAL bytes, transactions and statements per job (``bench/dbmeter.py``). Run it
+with ``--private-server`` for WAL figures nobody else's writes inflate, and statement counts
 (``pg_stat_statements``).
 """
 
@@ -34,7 +34,7 @@ def summarize(args: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
             mine = [r for r in runs if r["key"] == key and r["system"] == system and "cost" in r]
             rates = [float(r[METRIC[key]]) for r in mine if r.get(METRIC[key])]
             cost: dict[str, float | None] = {}
-            for c in ("wal_bytes_per_job", "xacts_per_job", "round_trips_per_job"):
+            for c in ("wal_bytes_per_job", "xacts_per_job", "statements_per_job"):
                 vals = [r["cost"][c] for r in mine if r["cost"][c] is not None]
                 cost[c] = percentiles.median(vals) if vals else None
             per[system] = {"rate": percentiles.median(rates) if rates else None, **cost}
@@ -75,7 +75,7 @@ def markdown(args: Any, summary: dict[str, Any], meta: dict[str, Any]) -> str:
                 _n(s["tierline_fraction_of_limit"], ".2f")
                 + f" ({', '.join(f'{x:.2f}' for x in s['fraction_by_round'])})",
                 f"{_n(lim['wal_bytes_per_job'], ',.0f')} / {_n(t['wal_bytes_per_job'], ',.0f')}",
-                f"{_n(lim['round_trips_per_job'], '.3f')} / {_n(t['round_trips_per_job'], '.3f')}",
+                f"{_n(lim['statements_per_job'], '.3f')} / {_n(t['statements_per_job'], '.3f')}",
                 f"{_n(lim['xacts_per_job'], '.3f')} / {_n(t['xacts_per_job'], '.3f')}",
             ]
         )
@@ -95,7 +95,7 @@ def markdown(args: Any, summary: dict[str, Any], meta: dict[str, Any]) -> str:
                     "Tierline",
                     "Tierline / limit (per round)",
                     "WAL bytes/job: limit / Tierline",
-                    "round trips/job: limit / Tierline",
+                    "statements/job: limit / Tierline",
                     "transactions/job: limit / Tierline",
                 ],
                 rows,
