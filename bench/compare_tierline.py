@@ -5,7 +5,9 @@ processes; one JSON object on stdout (``bench/workloads.py`` says what each hold
 Settings, the ones ``docs/benchmarks.md`` records for Tierline's own benchmarks: drain
 with ``TIERLINE_WORKER_CONCURRENCY=1000``; I/O jobs with 16 per process; pickup with the
 default worker settings; log level info. Enqueue through a producer ``App`` with its
-private pool (one statement per enqueue, autocommit).
+private pool (one statement per enqueue, autocommit), on uvloop as Tierline's own
+processes run (``tierline web`` and ``worker``; uvicorn[standard] brings it) and as
+pgqueuer's producer runs here.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import time
 from typing import Any
 
 from bench import dbmeter, jobs, launch, tally, workloads
+from tierline.lifecycle import uvloop_policy
 from tierline.testing.databases import dbname, migrate, query
 from tierline.testing.ports import free_port
 
 DRAIN_CONCURRENCY = 1000
 SETTINGS = {
     "drain": f"one `tierline worker`, TIERLINE_WORKER_CONCURRENCY={DRAIN_CONCURRENCY}",
-    "enqueue": "`App.enqueue` / `App.enqueue_many` on the producer's private pool",
+    "enqueue": "`App.enqueue` / `App.enqueue_many` on the producer's private pool, uvloop",
     "io": "TIERLINE_WORKER_CONCURRENCY=16 per `tierline worker` process",
     "pickup": "one idle `tierline worker`, default settings (LISTEN/NOTIFY wake-up)",
     "durability": "logged tables, synchronous_commit as the server has it",
@@ -201,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workload == "drain":
         result = drain(args, meter)
     elif args.workload == "enqueue_single":
+        uvloop_policy()
         result = asyncio.run(_enqueue(args, meter, 1))
     elif args.workload == "enqueue_batch":
+        uvloop_policy()
         result = asyncio.run(_enqueue(args, meter, args.batch))
     elif args.workload == "io":
         result = io(args, meter)
