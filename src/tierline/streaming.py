@@ -69,6 +69,11 @@ from tierline.sse import Event
 log = get_logger(__name__)
 
 PAGE = 500
+# The fallback sweep checks this share of the followed jobs every poll_s / SWEEP_SLICES:
+# every job still once per poll_s, and no single sweep holds the notified fetches back for
+# long (one query over 1,000 followed jobs took 12 to 26 ms; the p99 of a stream's events
+# is set by such stalls).
+SWEEP_SLICES = 4
 Page = tuple[list[Event], bool]  # a replay page, and whether the read replica answered it
 
 
@@ -366,17 +371,20 @@ class EventHub:
     async def run(self) -> None:
         """Fetch and distribute until cancelled; polls as a fallback for missed notes."""
         loop = asyncio.get_running_loop()
+        slice_s = self.poll_s / SWEEP_SLICES
         checked = loop.time()
+        turn = 0
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+                await asyncio.wait_for(self._wake.wait(), timeout=slice_s)
             # Every stream is checked at least once per poll_s, busy or not: the fallback
             # for notifications that never came (LISTEN down, a producer that named only
-            # some jobs), which a steady flow of other notifications must not starve.
-            if loop.time() - checked >= self.poll_s:
-                self._dirty_all = bool(self.by_job)
-            if self._dirty_all:
+            # some jobs), which a steady flow of other notifications must not starve. One
+            # slice of the followed jobs per slice_s, each slice once per poll_s.
+            if loop.time() - checked >= slice_s:
                 checked = loop.time()
+                self._dirty_jobs.update(j for j in self.by_job if j % SWEEP_SLICES == turn)
+                turn = (turn + 1) % SWEEP_SLICES
             self._wake.clear()
             try:
                 more = await self._fetch()
