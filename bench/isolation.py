@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import command, cpuquota, example, jobs, launch, output, sampling, webload
+from bench import command, cpuquota, example, jobs, launch, output, webload
 from tierline.testing.databases import dbname
 from tierline.testing.ports import free_port
 
@@ -53,15 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     webload.add_mix_option(p)
     args = p.parse_args(argv)
     webload.settle_mix(args)
-    if (args.web_cpu_quota or args.worker_cpu_quota) and not cpuquota.CpuQuota(NAME).available:
-        p.error(f"CPU quotas: {cpuquota.CpuQuota(NAME).reason}")
+    quota = cpuquota.CpuQuota(NAME)
+    if (args.web_cpu_quota or args.worker_cpu_quota) and not quota.available:
+        p.error(f"CPU quotas: {quota.reason}")
     app_mix = args.mix == "app"
     backlog_queue = example.BACKLOG_QUEUE if app_mix else "default"
     if args.smoke:
         args.duration, args.capacity_duration, args.backlog = 1.0, 1.0, 2000
         args.reads, args.connections, args.concurrency = 50, 8, 50
     machine = output.machine()
-    quota = cpuquota.CpuQuota(NAME)
     phases: list[dict[str, Any]] = []
     capacity: dict[str, Any] | None = None
     drained: dict[str, Any] = {}
@@ -93,27 +93,19 @@ def main(argv: list[str] | None = None) -> int:
                     command.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
 
                 def phase(label: str) -> None:
-                    # What the phase cost PostgreSQL (its backends' CPU) and how long the
-                    # limited web replica waited for its quota: which resource saturated.
-                    sampler = sampling.DbSampler(args.server_url, dbname(url))
-                    sampler.start()
-                    throttled0 = cpuquota.CpuQuota.throttled_s(web_group)
-                    t0 = time.monotonic()
-                    r = webload.loadgen(
-                        port,
-                        rate=unit,
-                        duration=args.duration,
-                        ids=ids,
-                        warmup=0.3 if args.smoke else 1.0,
-                        connections=args.connections,
-                        mix=args.mix,
-                    )
-                    elapsed = time.monotonic() - t0
-                    sampler.sample()
-                    db_cpu = sampler.cpu_seconds()
-                    r["db_cpu_cores"] = None if db_cpu is None else round(db_cpu / elapsed, 2)
-                    r["web_throttled_s"] = round(
-                        cpuquota.CpuQuota.throttled_s(web_group) - throttled0, 2
+                    r = webload.costed(
+                        args.server_url,
+                        dbname(url),
+                        [web_group],
+                        lambda: webload.loadgen(
+                            port,
+                            rate=unit,
+                            duration=args.duration,
+                            ids=ids,
+                            warmup=0.3 if args.smoke else 1.0,
+                            connections=args.connections,
+                            mix=args.mix,
+                        ),
                     )
                     r["phase"] = label
                     phases.append(r)
@@ -243,31 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'ran out' if drained.get('backlog_ran_out') else 'lasted'}).",
         "",
         output.table(
-            [
-                "phase",
-                "achieved req/s",
-                "p50 ms",
-                "p90 ms",
-                "p99 ms",
-                "p99.9 ms",
-                "errors",
-                "db CPU (cores)",
-                "web throttled s",
-            ],
-            [
-                (
-                    x["phase"],
-                    x["achieved_rps"],
-                    x["latency_ms"]["p50"],
-                    x["latency_ms"]["p90"],
-                    x["latency_ms"]["p99"],
-                    x["latency_ms"]["p99_9"],
-                    x["errors"],
-                    "n/a" if x.get("db_cpu_cores") is None else x["db_cpu_cores"],
-                    x.get("web_throttled_s", 0.0),
-                )
-                for x in phases
-            ],
+            ["phase", "achieved req/s", *webload.RESULT_COLUMNS],
+            [(x["phase"], x["achieved_rps"], *webload.result_cells(x)) for x in phases],
         ),
         "",
         f"Target: p99 with the backlog <= 1.25 x without (mean of both): "

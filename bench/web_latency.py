@@ -18,11 +18,11 @@ capacity, and 4 replicas at 4R need 4 x Q cores, not the whole machine.
 
 from __future__ import annotations
 
-import time
+import functools
 from pathlib import Path
 from typing import Any
 
-from bench import command, cpuquota, jobs, launch, output, sampling, webload
+from bench import command, cpuquota, jobs, launch, output, webload
 from tierline.testing.databases import dbname
 from tierline.testing.ports import free_port
 
@@ -104,29 +104,22 @@ def _run(
                     command.say(f"capacity of one replica: {capacity['achieved_rps']} req/s")
                 for mult in loads:
                     rate = unit * mult
-                    # PostgreSQL's CPU and the replicas' throttling during the point: which
-                    # resource saturated when the latency leaves the flat region.
-                    sampler = sampling.DbSampler(args.server_url, dbname(url))
-                    sampler.start()
-                    throttled0 = sum(quota.throttled_s(g) for g in groups)
-                    t0 = time.monotonic()
-                    r = webload.loadgen(
-                        port,
-                        rate=rate,
-                        duration=args.duration,
-                        ids=ids,
-                        warmup=0.3 if args.smoke else 1.0,
-                        connections=args.connections,
-                        mix=args.mix,
+                    r = webload.costed(
+                        args.server_url,
+                        dbname(url),
+                        groups,
+                        functools.partial(
+                            webload.loadgen,
+                            port,
+                            rate=rate,
+                            duration=args.duration,
+                            ids=ids,
+                            warmup=0.3 if args.smoke else 1.0,
+                            connections=args.connections,
+                            mix=args.mix,
+                        ),
                     )
-                    elapsed = time.monotonic() - t0
-                    sampler.sample()
-                    db_cpu = sampler.cpu_seconds()
                     r.update({"replicas": n, "load": f"{mult:g}R"})
-                    r["db_cpu_cores"] = None if db_cpu is None else round(db_cpu / elapsed, 2)
-                    r["web_throttled_s"] = round(
-                        sum(quota.throttled_s(g) for g in groups) - throttled0, 2
-                    )
                     points.append(r)
                     lat = r["latency_ms"]
                     command.say(
@@ -197,32 +190,14 @@ def _report(
         f"{args.duration:g} s per point, latency from the intended send time.",
         "",
         output.table(
-            [
-                "replicas",
-                "load",
-                "offered req/s",
-                "achieved req/s",
-                "p50 ms",
-                "p90 ms",
-                "p99 ms",
-                "p99.9 ms",
-                "errors",
-                "db CPU (cores)",
-                "web throttled s",
-            ],
+            ["replicas", "load", "offered req/s", "achieved req/s", *webload.RESULT_COLUMNS],
             [
                 (
                     x["replicas"],
                     x["load"],
                     x["offered_rps"],
                     x["achieved_rps"],
-                    x["latency_ms"]["p50"],
-                    x["latency_ms"]["p90"],
-                    x["latency_ms"]["p99"],
-                    x["latency_ms"]["p99_9"],
-                    x["errors"],
-                    "n/a" if x.get("db_cpu_cores") is None else x["db_cpu_cores"],
-                    x.get("web_throttled_s", 0.0),
+                    *webload.result_cells(x),
                 )
                 for x in points
             ],

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench import command, example, jobs, launch, output, percentiles
+from bench import command, cpuquota, example, jobs, launch, output, percentiles, sampling
 from tierline.testing.databases import query
 from tierline.testing.processes import Proc, plain_env
 from tierline.testing.waiting import wait_for
@@ -67,6 +68,54 @@ def by_op_table(rows: list[tuple[str, dict[str, Any]]], mix: str) -> str:
     return output.table(headers, table)
 
 
+# The columns both web benchmarks' tables end with: latency, errors and the two costs.
+RESULT_COLUMNS = [
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "errors",
+    "db CPU (cores)",
+    "web throttled s",
+]
+
+
+def result_cells(r: dict[str, Any]) -> tuple[Any, ...]:
+    """The ``RESULT_COLUMNS`` cells of one loadgen result (a point or a phase)."""
+    lat = r["latency_ms"]
+    return (
+        lat["p50"],
+        lat["p90"],
+        lat["p99"],
+        lat["p99_9"],
+        r["errors"],
+        "n/a" if r.get("db_cpu_cores") is None else r["db_cpu_cores"],
+        r.get("web_throttled_s", 0.0),
+    )
+
+
+def costed(
+    server_url: str, db: str, groups: Sequence[Path | None], run: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """``run()`` (one loadgen point or phase) with what it cost beside its result:
+    ``db_cpu_cores``, the CPU of PostgreSQL's backends serving ``db``, and
+    ``web_throttled_s``, the seconds the web replicas' ``groups`` waited for their quota:
+    which resource saturated when the latency leaves the flat region."""
+    sampler = sampling.DbSampler(server_url, db)
+    sampler.start()
+    throttled0 = sum(cpuquota.CpuQuota.throttled_s(g) for g in groups)
+    t0 = time.monotonic()
+    r = run()
+    elapsed = time.monotonic() - t0
+    sampler.sample()
+    db_cpu = sampler.cpu_seconds()
+    r["db_cpu_cores"] = None if db_cpu is None else round(db_cpu / elapsed, 2)
+    r["web_throttled_s"] = round(
+        sum(cpuquota.CpuQuota.throttled_s(g) for g in groups) - throttled0, 2
+    )
+    return r
+
+
 def api_prefix(mix: str) -> str:
     """Where Tierline's own API lives on the web replicas of ``mix``."""
     return example.API_PREFIX if mix == "app" else ""
@@ -80,13 +129,12 @@ def start_web(
     n: int,
     port: int,
     label: str,
-    cgroup: Path | None = None,
     mix: str = "jobs",
     cgroups: Sequence[Path | None] = (),
 ) -> list[Proc]:
     """``n`` web replicas on one port (``--reuse-port``), all ready; with ``mix="app"``
-    hosting the example application. ``cgroup``: one group all replicas join;
-    ``cgroups``: one per replica (each its own quota, like a pod's limit)."""
+    hosting the example application. ``cgroups``: one per replica (each its own quota,
+    like a pod's limit)."""
     hosted = example.ENV if mix == "app" else {}
     mine = []
     for i in range(n):
@@ -96,7 +144,7 @@ def start_web(
             logs,
             f"web-{label}-{i}",
             log_level=args.log_level,
-            cgroup=cgroups[i] if i < len(cgroups) else cgroup,
+            cgroup=cgroups[i] if i < len(cgroups) else None,
             extra_args=["--reuse-port"],
             TIERLINE_WEB_PORT=port,
             TIERLINE_HEARTBEAT_S=1,
