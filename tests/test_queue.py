@@ -90,6 +90,57 @@ async def test_batch_keeps_order_and_dedupes_keys(queue: Queue) -> None:
     assert out[6][0].id == out[7][0].id
 
 
+async def test_a_batch_answers_each_new_job_as_stored(queue: Queue) -> None:
+    """The batch statement answers new jobs slim (run_at only where it is not the
+    statement's now, now on one row); the jobs built from it equal what was stored."""
+    past = datetime.now(UTC) - timedelta(hours=1)
+    future = datetime.now(UTC) + timedelta(hours=1)
+    reqs = [
+        JobRequest(kind="noop"),
+        JobRequest(kind="noop", delay_s=30.123457),
+        JobRequest(kind="noop", run_at=past),
+        JobRequest(kind="noop", run_at=future, priority=7, queue="other"),
+        JobRequest(kind="add", args={"a": 1, "b": 2}, idempotency_key="batch-k"),
+    ]
+    out = await queue.enqueue_batch(reqs)
+    assert [c for _, c in out] == [True] * 5
+    for job, _ in out:
+        stored = await queue.get(job.id)
+        assert job.model_dump() == stored.model_dump()
+    assert [j.state for j, _ in out] == [
+        "available", "scheduled", "available", "scheduled", "available",
+    ]  # fmt: skip
+    ids = await queue.enqueue_batch_ids(reqs[4:] + [JobRequest(kind="noop")])
+    assert ids[0] == (out[4][0].id, False) and ids[1][1] is True
+
+
+async def test_a_batch_rejects_what_one_at_a_time_rejects(queue: Queue) -> None:
+    """Arguments are validated per kind in one call; the error is the first invalid
+    job's, worded as for that job alone, and nothing of the batch is stored."""
+    cases = [
+        ([JobRequest(kind="add", args={"a": 1}), JobRequest(kind="add", args={"a": "x"})],
+         InvalidJob, "a: "),
+        ([JobRequest(kind="noop"), JobRequest(kind="add", args={"a": 1, "zzz": 2}),
+          JobRequest(kind="missing")], InvalidJob, "zzz: Extra inputs"),
+        ([JobRequest(kind="noop"), JobRequest(kind="missing")], UnknownKind, "known kinds"),
+        ([JobRequest(kind="add")], InvalidJob, "a: Field required"),
+        ([JobRequest(kind="add", args={"a": float("nan")})], InvalidJob, "NaN"),
+    ]  # fmt: skip
+    for reqs, error, text in cases:
+        with pytest.raises(error, match=text) as one_by_one:
+            for r in reqs:
+                app.prepare(r)
+        with pytest.raises(error, match=text) as batched:
+            await queue.enqueue_batch(reqs)
+        assert str(batched.value) == str(one_by_one.value)
+    assert await queue.list() == []
+    rows = app.prepare_many(
+        [JobRequest(kind="add", args={"a": "3", "b": 4}), JobRequest(kind="noop")]
+    )
+    assert rows == [app.prepare(JobRequest(kind="add", args={"a": "3", "b": 4})),
+                    app.prepare(JobRequest(kind="noop"))]  # fmt: skip
+
+
 async def test_validation(queue: Queue) -> None:
     with pytest.raises(UnknownKind, match=r"known kinds: .*add"):
         await queue.enqueue(JobRequest(kind="missing"))

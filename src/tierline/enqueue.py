@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, LiteralString, Protocol, TypeVar
 
 import psycopg
@@ -35,6 +36,10 @@ class Registry(Protocol):
     handler's defaults filled in, the arguments validated). ``tierline.App`` is one."""
 
     def prepare(self, request: JobRequest, *, max_args_bytes: int = ...) -> dict[str, Any]: ...
+
+    def prepare_many(
+        self, requests: Sequence[JobRequest], *, max_args_bytes: int = ...
+    ) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -60,21 +65,17 @@ def one(registry: Registry, request: JobRequest, max_args_bytes: int) -> Steps[t
     row = registry.prepare(request, max_args_bytes=max_args_bytes)
     trace = row["trace_context"]
     params = {**row, "args": Jsonb(row["args"]), "trace_context": trace and Jsonb(trace)}
+    keyed = (row["idempotency_key"] or row.get("unique_key")) is not None
     for _ in range(3):
         # With a key, running the insert again is safe even if the first one committed.
-        rows = yield Statement(
-            QUERIES["enqueue"],
-            params,
-            repeatable=(row["idempotency_key"] or row.get("unique_key")) is not None,
-        )
-        found = rows[0] if rows else None
-        if found is None:  # only when the same key was committed concurrently
-            continue
-        if found["created"]:
+        rows = yield Statement(QUERIES["enqueue"], params, repeatable=keyed)
+        if rows:
             metrics.JOBS_ENQUEUED.labels(row["queue"]).inc()
-            return _new_job(row, found), True
-        got = yield Statement(QUERIES["get_job"], {"id": found["id"]}, repeatable=True)
-        if got:  # the existing job was not pruned in between
+            return _new_job(row, rows[0]), True
+        # Nothing inserted: a job holds the key. Read it (it may have been pruned, or
+        # left the unique key's states, in between: then insert again).
+        got = yield Statement(QUERIES["job_by_key"], _key_params(row), repeatable=True)
+        if got:
             return Job.from_row(got[0]), False
     raise InvalidTransition(KEY_RACE)
 
@@ -84,7 +85,7 @@ def many(
 ) -> Steps[list[tuple[Any, bool]]]:
     """Insert many jobs in one statement and one transaction; ``(job, created)`` in
     input order, or ``(id, created)`` when ``jobs`` is False (the fast path)."""
-    rows = [registry.prepare(r, max_args_bytes=max_args_bytes) for r in requests]
+    rows = registry.prepare_many(requests, max_args_bytes=max_args_bytes)
     if not rows:
         return []
     unique, position = _dedupe(rows)
@@ -108,8 +109,9 @@ def many(
     if existing:
         got = yield Statement(QUERIES["get_jobs"], {"ids": existing}, repeatable=True)
         known = {r["id"]: Job.from_row(r) for r in got or []}
+    now = found[0]["now"]
     made = [
-        (_new_job(row, r) if r["created"] else known[r["id"]], bool(r["created"]))
+        (_batch_job(row, r, now) if r["created"] else known[r["id"]], bool(r["created"]))
         for row, r in zip(unique, found, strict=True)
     ]
     return _expand(made, position)
@@ -207,6 +209,8 @@ class _Undo(Exception):
 def _dedupe(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
     """A key (idempotency or unique) repeated inside the batch is one job: later copies
     map to the first."""
+    if not any(row["idempotency_key"] is not None or row.get("unique_key") for row in rows):
+        return rows, list(range(len(rows)))  # no keys, no duplicates: the common case
     first_of: dict[tuple[Any, ...], int] = {}
     unique: list[dict[str, Any]] = []
     position: list[int] = []
@@ -247,6 +251,15 @@ def _expand(items: list[tuple[Any, bool]], position: list[int]) -> list[tuple[An
     return out
 
 
+def _batch_job(row: dict[str, Any], r: dict[str, Any], now: datetime) -> Job:
+    """A new job of a batch: the statement answers ``run_at`` only where it is not the
+    statement's ``now`` (a delayed or scheduled job), and the state follows from the two
+    as the statement's own ``CASE`` made it."""
+    run_at = r["run_at"] or now
+    state = State.scheduled if run_at > now else State.available
+    return _new_job(row, {"id": r["id"], "state": state, "run_at": run_at, "created_at": now})
+
+
 def _new_job(row: dict[str, Any], r: dict[str, Any]) -> Job:
     """The Job a fresh insert made, from its input and what the database added."""
     return Job.model_construct(
@@ -270,6 +283,14 @@ def _new_job(row: dict[str, Any], r: dict[str, Any]) -> Job:
         progress=None,
         cancel_requested=False,
     )
+
+
+def _key_params(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "idempotency_key": row["idempotency_key"],
+        "unique_key": row.get("unique_key"),
+        "unique_period_s": row.get("unique_period_s"),
+    }
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -5,29 +5,30 @@
 -- the NOTIFY protocol in `tierline.notifications`.
 
 -- name: enqueue
--- One job; with an idempotency key that exists already, or a unique key held by a job in
--- the key's states (unique.py), nothing is inserted and the existing job's id is
--- returned with created = false. A delay counts from the database's now(), never from
--- the enqueuing replica's clock; so does a unique key's period. The answer is slim, as
--- the batch's: what a new row adds to its input (id, state, times); the caller reads an
--- existing job whole (a repeated key is the rare case).
-WITH v AS (
-    SELECT coalesce(%(run_at)s::timestamptz,
-                    now() + make_interval(secs => %(delay_s)s::float8)) AS run_at,
-           CASE WHEN %(unique_period_s)s::float8 IS NULL THEN %(unique_key)s::text
-                ELSE %(unique_key)s::text || ':'
-                     || floor(extract(epoch FROM now()) / %(unique_period_s)s::float8)::bigint
-           END AS unique_key
-), ins AS (
+-- One job. With an idempotency key that exists already, or a unique key held by a job in
+-- the key's states (unique.py), nothing is inserted and no row comes back: the caller
+-- then reads the existing job with `job_by_key` (a repeated key is the rare case, and it
+-- costs the second round trip it always did). A delay counts from the database's now(),
+-- never from the enqueuing replica's clock; so does a unique key's period. The answer is
+-- slim (what a new row adds to its input: id, state, times) and the statement is one
+-- INSERT with its event: every clause here runs on each enqueue (measured in
+-- docs/benchmarks.md, "Where the write path goes").
+WITH ins AS (
     INSERT INTO tierline.jobs
         (queue, kind, args, state, priority, run_at, max_attempts, timeout_s, idempotency_key,
          trace_context, unique_key, unique_states)
     SELECT %(queue)s, %(kind)s, %(args)s,
            CASE WHEN v.run_at > now() THEN 'scheduled' ELSE 'available' END,
-           %(priority)s, coalesce(v.run_at, now()), %(max_attempts)s,
-           %(timeout_s)s, %(idempotency_key)s, %(trace_context)s, v.unique_key,
+           %(priority)s, v.run_at, %(max_attempts)s, %(timeout_s)s, %(idempotency_key)s,
+           %(trace_context)s,
+           CASE WHEN %(unique_period_s)s::float8 IS NULL THEN %(unique_key)s::text
+                ELSE %(unique_key)s::text || ':'
+                     || floor(extract(epoch FROM now()) / %(unique_period_s)s::float8)::bigint
+           END,
            %(unique_states)s::text[]
-    FROM v
+    FROM (SELECT coalesce(%(run_at)s::timestamptz,
+                          now() + make_interval(secs => %(delay_s)s::float8),
+                          now()) AS run_at) v
     ON CONFLICT DO NOTHING  -- the idempotency key's index or the unique key's
     RETURNING id, queue, kind, state, priority, run_at, created_at
 ), ev AS (
@@ -35,35 +36,47 @@ WITH v AS (
     SELECT id, 1, 'enqueued', queue, kind,
            jsonb_build_object('state', state, 'run_at', run_at, 'priority', priority)
     FROM ins
-), notified AS (
-    SELECT pg_notify('tierline_jobs', queue) FROM ins WHERE state = 'available'
-    UNION ALL
-    SELECT pg_notify('tierline_events', id::text) FROM ins
 )
-SELECT ins.id, ins.state, ins.run_at, ins.created_at, true AS created
-FROM ins WHERE (SELECT count(*) FROM notified) >= 0
-UNION ALL
-(SELECT j.id, j.state, j.run_at, j.created_at, false AS created FROM tierline.jobs j, v
- WHERE NOT EXISTS (SELECT 1 FROM ins)
-   AND ((%(idempotency_key)s::text IS NOT NULL AND j.idempotency_key = %(idempotency_key)s)
-        OR (v.unique_key IS NOT NULL AND j.unique_key = v.unique_key
-            AND j.state = ANY (j.unique_states)))
- LIMIT 1);
+SELECT id, state, run_at, created_at,
+       CASE WHEN state = 'available' THEN pg_notify('tierline_jobs', queue) END IS NULL
+           AS woke,
+       pg_notify('tierline_events', id::text) IS NULL AS told
+FROM ins;
+
+-- name: job_by_key
+-- The job that holds an enqueue's idempotency key, or its unique key in one of the key's
+-- states (what made `enqueue` insert nothing). The period's number is taken from this
+-- statement's now(): if a period ended in between, nothing is found and the caller's
+-- next try inserts the job of the new period.
+SELECT * FROM tierline.jobs j
+WHERE (%(idempotency_key)s::text IS NOT NULL AND j.idempotency_key = %(idempotency_key)s)
+   OR (%(unique_key)s::text IS NOT NULL AND j.state = ANY (j.unique_states)
+       AND j.unique_key = CASE
+           WHEN %(unique_period_s)s::float8 IS NULL THEN %(unique_key)s::text
+           ELSE %(unique_key)s::text || ':'
+                || floor(extract(epoch FROM now()) / %(unique_period_s)s::float8)::bigint
+       END)
+LIMIT 1;
 
 -- name: enqueue_batch
--- Many jobs in one statement; rows come back in input order (`ord`), slim: what a new
--- row adds to its input (id, state, times); the caller reads repeated keys' jobs whole.
+-- Many jobs in one statement; one row per input row, in input order (`ord`): the job's
+-- id and whether this statement created it. The answer is slim because reading it is
+-- client time on every batch: `run_at` only where it is not the statement's now() (a
+-- delayed or scheduled job), `now` on the first row only; the caller derives each new
+-- job's state and times from them and reads repeated keys' jobs whole.
 -- The batch arrives as one JSON array, turned into typed rows by one
--- `jsonb_to_recordset` (one parse on each side instead of one per value). Duplicate keys
--- within one batch are removed by the caller; a key committed concurrently leaves a row
--- out and the caller retries the whole transaction. An existing job is looked up by its
--- key only for a row that was not inserted (an index probe, never a scan of the table).
--- Unique keys (unique.py) work the same way.
+-- `jsonb_to_recordset` (one parse on each side instead of one per value). Ids come from
+-- the jobs' sequence in input order, so each inserted row joins back to its input; the
+-- sequence's name is looked up once (an InitPlan), not once per row (2 ms per 1,000).
+-- Duplicate keys within one batch are removed by the caller; a key committed
+-- concurrently leaves a row out and the caller retries the whole transaction. An
+-- existing job is looked up by its key only for a row that was not inserted (an index
+-- probe, never a scan of the table). Unique keys (unique.py) work the same way.
 WITH u AS (
-    SELECT e.ord, nextval(pg_get_serial_sequence('tierline.jobs', 'id')) AS id,
+    SELECT e.ord, nextval((SELECT pg_get_serial_sequence('tierline.jobs', 'id'))) AS id,
            e.queue, e.kind, coalesce(e.args, '{}') AS args,
            coalesce(e.priority, 0) AS priority,
-           coalesce(e.run_at, now() + make_interval(secs => e.delay_s)) AS run_at,
+           coalesce(e.run_at, now() + make_interval(secs => e.delay_s), now()) AS run_at,
            e.max_attempts, e.timeout_s, e.idempotency_key, e.trace_context,
            CASE WHEN e.unique_period_s IS NULL THEN e.unique_key
                 ELSE e.unique_key || ':'
@@ -82,11 +95,11 @@ WITH u AS (
          idempotency_key, trace_context, unique_key, unique_states)
     SELECT id, queue, kind, args,
            CASE WHEN run_at > now() THEN 'scheduled' ELSE 'available' END,
-           priority, coalesce(run_at, now()), max_attempts, timeout_s, idempotency_key,
+           priority, run_at, max_attempts, timeout_s, idempotency_key,
            trace_context, unique_key, unique_states
     FROM u ORDER BY ord
     ON CONFLICT DO NOTHING  -- the idempotency key's index or the unique key's
-    RETURNING *
+    RETURNING id, queue, kind, state, priority, run_at
 ), ev AS (
     INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
     SELECT id, 1, 'enqueued', queue, kind,
@@ -100,13 +113,12 @@ WITH u AS (
                      CASE WHEN count(*) > 300 THEN '*' ELSE string_agg(id::text, ',') END)
     FROM ins HAVING count(*) > 0
 )
-SELECT u.ord, coalesce(ins.id, e.id) AS id, ins.id IS NOT NULL AS created,
-       coalesce(ins.state, e.state) AS state, coalesce(ins.run_at, e.run_at) AS run_at,
-       coalesce(ins.created_at, e.created_at) AS created_at
+SELECT coalesce(ins.id, e.id) AS id, ins.id IS NOT NULL AS created,
+       nullif(ins.run_at, now()) AS run_at, CASE WHEN u.ord = 1 THEN now() END AS now
 FROM u
 LEFT JOIN ins ON ins.id = u.id
 LEFT JOIN LATERAL (
-    SELECT j.id, j.state, j.run_at, j.created_at FROM tierline.jobs j
+    SELECT j.id FROM tierline.jobs j
     WHERE ins.id IS NULL
       AND ((u.idempotency_key IS NOT NULL AND j.idempotency_key = u.idempotency_key)
            OR (u.unique_key IS NOT NULL AND j.unique_key = u.unique_key
