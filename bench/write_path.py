@@ -123,7 +123,7 @@ def without_notify(sql: str) -> str:
 def without_event(sql: str) -> str:
     """The statement without its ``enqueued`` event insert (the CTE made a no-op)."""
     start = sql.index("ev AS (")
-    end = sql.index("), notified AS (")
+    end = sql.index("\n)", start)
     return sql[:start] + "ev AS (SELECT 1" + sql[end:]
 
 

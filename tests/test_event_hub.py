@@ -58,3 +58,57 @@ async def test_the_sweep_delivers_events_whose_notification_never_came(pool: Any
         await asyncio.gather(runner, return_exceptions=True)
         for sub in subs:
             hub.unsubscribe(sub)
+
+
+async def _replay(hub: EventHub, after: tuple[int, int, int]) -> list[Any]:
+    """A firehose subscriber's replay from ``after`` to the end (pages of hub.page_size)."""
+    sub = Subscription(hub, job_id=None, after=after)
+    return [ev async for ev in sub._replay()]
+
+
+async def test_an_enqueue_record_is_one_event_per_job_across_pages(pool: Any) -> None:
+    """A batch writes one enqueue record (schema 7); the firehose expands it into each
+    job's `enqueued` event, in order, resumable from any of them, also where a page
+    ends inside the record; a job's own stream reads its seq 1 from its row."""
+    queue = Queue(app, pool)
+    hub = EventHub(lambda: pool, buffer_size=10)  # pages of 10 events
+    head = await hub.firehose_head()
+    single, _ = await queue.enqueue(JobRequest(kind="noop", delay_s=60))
+    batch = [i for i, _ in await queue.enqueue_batch_ids([JobRequest(kind="noop")] * 25)]
+    events = await _replay(hub, head)
+    assert [(e.job_id, e.seq, e.type) for e in events] == [
+        (j, 1, "enqueued") for j in [single.id, *batch]
+    ]
+    assert [e.sub for e in events] == [1, *range(1, 26)]
+    assert len({e.firehose_id for e in events}) == 26
+    assert events[0].data["state"] == "scheduled" and events[1].data["state"] == "available"
+    # Resumed inside the record (after its 10th job) and after its last job.
+    assert [e.job_id for e in await _replay(hub, events[10].position)] == batch[10:]
+    assert await _replay(hub, events[-1].position) == []
+    assert await hub.firehose_head() == events[-1].position
+    # Each job's stream: seq 1 from the row, as the stored event said before schema 7.
+    page, _ = await hub.page(single.id, 0)
+    assert [(e.seq, e.type) for e in page] == [(1, "enqueued")]
+    assert page[0].data == {
+        "state": "scheduled",
+        "run_at": single.run_at.isoformat(),
+        "priority": 0,
+    }
+
+
+async def test_a_job_enqueued_before_schema_7_keeps_its_stored_event(pool: Any) -> None:
+    """Jobs from before the enqueue records keep their stored `enqueued` row (seq 1):
+    their streams read it once, never a second one from the row."""
+    async with pool.connection() as conn:
+        row = await (
+            await conn.execute(
+                "WITH j AS (INSERT INTO tierline.jobs (queue, kind, state) "
+                "VALUES ('default', 'noop', 'available') RETURNING id) "
+                "INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data) "
+                "SELECT id, 1, 'enqueued', 'default', 'noop', '{\"stored\": true}' FROM j "
+                "RETURNING job_id"
+            )
+        ).fetchone()
+    hub = EventHub(lambda: pool)
+    page, _ = await hub.page(row["job_id"], 0)
+    assert [(e.seq, e.type, e.data) for e in page] == [(1, "enqueued", {"stored": True})]

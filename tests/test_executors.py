@@ -52,7 +52,7 @@ def finished(url: str, job_id: int, timeout: float = 60) -> dict[str, Any]:
 def events(db_url: str, job_id: int) -> list[dict[str, Any]]:
     return query(
         db_url,
-        "SELECT type, data, at FROM tierline.job_events WHERE job_id = %s ORDER BY seq",
+        "SELECT type, data, at FROM tierline.job_stream WHERE job_id = %s ORDER BY seq",
         (job_id,),
     )
 

@@ -55,7 +55,7 @@ async def test_rescue_promote_and_prune(pool: Any, db_url: str) -> None:
         ).fetchone()
         types = await (
             await conn.execute(
-                "SELECT type FROM tierline.job_events WHERE job_id = %s ORDER BY seq", (again.id,)
+                "SELECT type FROM tierline.job_stream WHERE job_id = %s ORDER BY seq", (again.id,)
             )
         ).fetchall()
     assert left["n"] == 0, "events of pruned jobs must go with them"

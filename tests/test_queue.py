@@ -110,7 +110,7 @@ async def test_a_batch_answers_each_new_job_as_stored(queue: Queue) -> None:
     assert [j.state for j, _ in out] == [
         "available", "scheduled", "available", "scheduled", "available",
     ]  # fmt: skip
-    ids = await queue.enqueue_batch_ids(reqs[4:] + [JobRequest(kind="noop")])
+    ids = await queue.enqueue_batch_ids([*reqs[4:], JobRequest(kind="noop")])
     assert ids[0] == (out[4][0].id, False) and ids[1][1] is True
 
 
@@ -128,8 +128,7 @@ async def test_a_batch_rejects_what_one_at_a_time_rejects(queue: Queue) -> None:
     ]  # fmt: skip
     for reqs, error, text in cases:
         with pytest.raises(error, match=text) as one_by_one:
-            for r in reqs:
-                app.prepare(r)
+            [app.prepare(r) for r in reqs]
         with pytest.raises(error, match=text) as batched:
             await queue.enqueue_batch(reqs)
         assert str(batched.value) == str(one_by_one.value)
@@ -257,7 +256,7 @@ async def test_progress_from_a_thread_is_stored_in_order(
     async with pool.connection() as conn:
         rows = await (
             await conn.execute(
-                "SELECT seq, type, data FROM tierline.job_events WHERE job_id = %s ORDER BY seq",
+                "SELECT seq, type, data FROM tierline.job_stream WHERE job_id = %s ORDER BY seq",
                 (job.id,),
             )
         ).fetchall()

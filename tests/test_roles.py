@@ -412,7 +412,7 @@ async def test_worker_role_claims_runs_finishes_and_keeps_leases(
             r["type"]
             for r in query(
                 db_url,
-                "SELECT type FROM tierline.job_events WHERE job_id = %s ORDER BY seq",
+                "SELECT type FROM tierline.job_stream WHERE job_id = %s ORDER BY seq",
                 (done.id,),
             )
         ]

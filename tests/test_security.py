@@ -298,7 +298,7 @@ def test_limits(secured: tuple[Proc, str], module_cluster: Cluster, module_db: s
         "the chatty job to finish",
     )
     events = query(
-        module_db, "SELECT seq, type FROM tierline.jobs j JOIN tierline.job_events e "
+        module_db, "SELECT seq, type FROM tierline.jobs j JOIN tierline.job_stream e "
         "ON e.job_id = j.id WHERE j.id = %s ORDER BY seq", (job,)
     )  # fmt: skip
     # The cap bounds progress and logs; the final event is always stored.

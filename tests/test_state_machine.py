@@ -421,7 +421,7 @@ class JobMachine(RuleBasedStateMachine):
             self.env.sql(
                 "SELECT job_id, array_agg(seq ORDER BY seq) AS seqs, "
                 "(array_agg(type ORDER BY seq DESC))[1] AS last "
-                "FROM tierline.job_events GROUP BY job_id"
+                "FROM tierline.job_stream GROUP BY job_id"
             )
         )
         seen = {e["job_id"]: e for e in events}

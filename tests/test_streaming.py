@@ -454,7 +454,10 @@ def test_bad_ids_and_last_event_ids_get_clear_json_errors(cluster: Cluster) -> N
         assert ended and [(e.seq, e.type) for e in ev] == [(2, "cancelled")]
         ev, ended = read_stream(url, f"/v1/jobs/{done}/events", headers={"Last-Event-ID": ""})
         assert ended and [e.type for e in ev] == ["enqueued", "cancelled"]
-        for bad in ("abc", "1", "1-", "-1", "1-2-3", "1--2", "a-1", f"{2**64}-1", f"1-{2**63}"):
+        for bad in (
+            *("abc", "1", "1-", "-1", "1-2-3-4", "1--2", "a-1", "1-2-", f"{2**64}-1"),
+            *(f"1-{2**63}", f"1-2-{2**31}"),
+        ):
             err = json_error(c.get("/v1/events", headers={"Last-Event-ID": bad}), 400)
             assert "XID-ID" in err["message"]
         json_error(c.get("/v1/events", params={"queue": "bad queue!"}), 422)
@@ -537,13 +540,21 @@ def test_firehose_filters_and_resumes_across_replicas_without_gap_or_duplicate(
         t.join(60)
         assert not t.is_alive()
 
-    # Exactly the stored events, in the firehose's (xid, id) order.
-    xid, eid = (int(x) for x in events[-1].id.split("-"))
+    # Exactly the stored events, in the firehose's (xid, id, sub) order: event rows, and
+    # each enqueue record's jobs (their `enqueued` events) in the record's order.
+    xid, eid, sub = (int(x) for x in (events[-1].id + "-0").split("-")[:3])
     stored = query(
         db_url,
-        "SELECT xid::text || '-' || id AS fid, job_id, seq FROM tierline.job_events "
-        "WHERE (xid, id) <= (%s::text::xid8, %s) ORDER BY xid, id",
-        (str(xid), eid),
+        "SELECT fid, job_id, seq FROM ("
+        " SELECT xid, id, 0 AS sub, xid::text || '-' || id AS fid, job_id, seq"
+        " FROM tierline.job_events WHERE seq > 0"
+        " UNION ALL"
+        " SELECT e.xid, e.id, r.n, e.xid::text || '-' || e.id || '-' || r.n, r.job::bigint, 1"
+        " FROM tierline.job_events e,"
+        " jsonb_array_elements_text(e.data -> 'jobs') WITH ORDINALITY AS r(job, n)"
+        " WHERE e.seq = 0) s "
+        "WHERE (xid, id, sub) <= (%s::text::xid8, %s, %s) ORDER BY xid, id, sub",
+        (str(xid), eid, sub),
     )
     assert [e.id for e in events] == [r["fid"] for r in stored]
     assert len(stored) == 20 * 6 + 20 * 3 + 20 * 5  # every job's whole life

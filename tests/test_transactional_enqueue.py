@@ -17,7 +17,7 @@ from tierline.testing.processes import Cluster
 from tierline.testing.waiting import wait_for
 
 JOBS = "SELECT count(*) AS n FROM tierline.jobs"
-EVENTS = "SELECT count(*) AS n FROM tierline.job_events"
+EVENTS = "SELECT count(*) AS n FROM tierline.job_stream"  # a job's events, seq 1 too
 
 
 def count(db_url: str, sql: str) -> int:

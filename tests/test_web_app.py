@@ -109,7 +109,7 @@ def test_transactional_enqueue_from_a_route(cluster: Cluster, db_url: str) -> No
     assert [j["token"] for j in jobs] == ["kept"] and jobs[0]["id"] == done["job"]
     orders = query(db_url, "SELECT token FROM public.orders")
     assert [o["token"] for o in orders] == ["kept"]
-    events = query(db_url, "SELECT count(*) AS n FROM tierline.job_events")[0]["n"]
+    events = query(db_url, "SELECT count(*) AS n FROM tierline.job_stream")[0]["n"]
     assert events == 1  # the kept job's `enqueued`; the rolled-back one left none
     cluster.worker(TIERLINE_APP=TEST_APP)
     wait_for(

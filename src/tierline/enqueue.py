@@ -262,26 +262,28 @@ def _batch_job(row: dict[str, Any], r: dict[str, Any], now: datetime) -> Job:
 
 def _new_job(row: dict[str, Any], r: dict[str, Any]) -> Job:
     """The Job a fresh insert made, from its input and what the database added."""
-    return Job.model_construct(
-        id=r["id"],
-        kind=row["kind"],
-        queue=row["queue"],
-        state=State(r["state"]),
-        args=row["args"],
-        priority=row["priority"],
-        attempt=0,
-        max_attempts=row["max_attempts"],
-        timeout_s=None if row["timeout_s"] is None else float(row["timeout_s"]),
-        idempotency_key=row["idempotency_key"],
-        run_at=r["run_at"],
-        created_at=r["created_at"],
-        updated_at=r["created_at"],
-        started_at=None,
-        finished_at=None,
-        result=None,
-        error=None,
-        progress=None,
-        cancel_requested=False,
+    return Job.model_validate(
+        {
+            "id": r["id"],
+            "kind": row["kind"],
+            "queue": row["queue"],
+            "state": State(r["state"]),
+            "args": row["args"],
+            "priority": row["priority"],
+            "attempt": 0,
+            "max_attempts": row["max_attempts"],
+            "timeout_s": None if row["timeout_s"] is None else float(row["timeout_s"]),
+            "idempotency_key": row["idempotency_key"],
+            "run_at": r["run_at"],
+            "created_at": r["created_at"],
+            "updated_at": r["created_at"],
+            "started_at": None,
+            "finished_at": None,
+            "result": None,
+            "error": None,
+            "progress": None,
+            "cancel_requested": False,
+        }
     )
 
 

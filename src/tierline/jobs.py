@@ -110,11 +110,10 @@ class Job(BaseModel):
     def from_row(cls, row: dict[str, Any]) -> Job:
         values: dict[str, Any] = {k: row.get(k) for k in cls.model_fields}
         values["cancel_requested"] = row.get("cancel_requested_at") is not None
-        # The enum, not the text: serialising a str where the model says State makes
-        # pydantic warn, and each distinct warning text stays in the warnings registry.
-        if isinstance(values["state"], str):
-            values["state"] = State(values["state"])
-        return cls.model_construct(**values)
+        # Validated, not ``model_construct``ed: pydantic's validator (Rust) takes 3 us for
+        # a job where model_construct (Python) takes 10, and a listing builds hundreds.
+        # It also turns the state's text into the enum.
+        return cls.model_validate(values)
 
 
 def json_size(value: Any) -> int:

@@ -2,8 +2,9 @@
 ``Last-Event-ID`` formats a client resumes with.
 
 A job stream's ids are the job's event ``seq``; the firehose's are ``XID-ID`` (the
-writing transaction's id and the event's row id). Both are database positions, so a
-client may resume on any replica.
+writing transaction's id and the event's row id), or ``XID-ID-N`` for the ``enqueued``
+event of the Nth job of an enqueue record (``firehose_after`` in ``sql/queries.sql``).
+All are database positions, so a client may resume on any replica.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 MAX_SEQ = 2**31 - 1  # job_events.seq is an integer
 SEP = "\r\n"  # the line separator of the SSE frames
-_FIREHOSE_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_FIREHOSE_ID = re.compile(r"^(\d{1,20})-(\d{1,20})(?:-(\d{1,10}))?$")
 _MAX_XID = 2**64 - 1  # xid8 is unsigned 64-bit
 _MAX_ID = 2**63 - 1  # job_events.id is a bigint
 
@@ -33,6 +34,7 @@ class Event:
     at: str
     xid: int = 0
     id: int = 0
+    sub: int = 0  # the job's place in an enqueue record (firehose); 0 for an event row
     _frames: dict[bool, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -47,6 +49,7 @@ class Event:
             at=row["at"].isoformat(),
             xid=int(row.get("xid") or 0),
             id=int(row.get("id") or 0),
+            sub=int(row.get("sub") or 0),
         )
 
     def payload(self) -> dict[str, Any]:
@@ -62,8 +65,13 @@ class Event:
         }
 
     @property
+    def position(self) -> tuple[int, int, int]:
+        """Where the event stands in the firehose."""
+        return (self.xid, self.id, self.sub)
+
+    @property
     def firehose_id(self) -> str:
-        return f"{self.xid}-{self.id}"
+        return f"{self.xid}-{self.id}-{self.sub}" if self.sub else f"{self.xid}-{self.id}"
 
     def frame(self, firehose: bool) -> bytes:
         """The event as an SSE frame, encoded once however many streams send it (the
@@ -78,12 +86,14 @@ class Event:
         return cached
 
 
-def parse_firehose_id(value: str) -> tuple[int, int]:
-    """Parse a firehose ``Last-Event-ID`` (``XID-ID``); ValueError when malformed."""
+def parse_firehose_id(value: str) -> tuple[int, int, int]:
+    """Parse a firehose ``Last-Event-ID`` (``XID-ID`` or ``XID-ID-N``) into a position;
+    ValueError when malformed."""
     m = _FIREHOSE_ID.match(value.strip())
-    if not m or int(m[1]) > _MAX_XID or int(m[2]) > _MAX_ID:
+    sub = int(m[3]) if m and m[3] else 0
+    if not m or int(m[1]) > _MAX_XID or int(m[2]) > _MAX_ID or sub > MAX_SEQ:
         raise ValueError("expected XID-ID as sent in the stream's id: field")
-    return int(m[1]), int(m[2])
+    return int(m[1]), int(m[2]), sub
 
 
 def parse_seq(value: str) -> int:

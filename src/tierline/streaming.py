@@ -13,7 +13,8 @@ a busy replica makes one query per batch of notifications.
 Positions: a job's stream is ordered by its per-job ``seq`` (assigned under the job's
 row lock, so commit order equals seq order). The firehose is ordered by ``(xid, id)`` and
 only reads rows of transactions older than every running one, so nothing can commit
-behind a cursor. See ``firehose_after`` in ``sql/queries.sql``.
+behind a cursor; an enqueue record's jobs follow it at ``(xid, id, 1..n)``. See
+``firehose_after`` in ``sql/queries.sql``.
 
 The wire format (``Event`` frames, ``Last-Event-ID``) is in ``tierline.sse``; what the
 notifications say, in ``tierline.notifications``.
@@ -84,9 +85,10 @@ class StreamClosed(TierlineError):
 class Subscription:
     """One client's stream: a bounded buffer the hub fills, and its position.
 
-    ``position`` is how far the subscriber has looked: a seq (job stream) or ``(xid, id)``
-    (firehose, including events its filters skipped). ``head`` is the job's last seq when
-    the stream was admitted: where the hub starts reading if no one follows the job yet.
+    ``position`` is how far the subscriber has looked: a seq (job stream) or
+    ``(xid, id, sub)`` (firehose, including events its filters skipped). ``head`` is the
+    job's last seq when the stream was admitted: where the hub starts reading if no one
+    follows the job yet.
     ``on_overflow`` is called when the client is too slow, to cut its connection.
     """
 
@@ -121,7 +123,7 @@ class Subscription:
         )
 
     def _key(self, ev: Event) -> Any:
-        return ev.seq if self.job_id is not None else (ev.xid, ev.id)
+        return ev.seq if self.job_id is not None else ev.position
 
     def push(self, ev: Event) -> None:
         """Buffer a live event (called by the hub); never blocks, never grows unbounded.
@@ -224,7 +226,7 @@ class EventHub:
         self.by_job: dict[int, set[Subscription]] = {}
         self.job_cursor: dict[int, int] = {}
         self.firehose: set[Subscription] = set()
-        self.fire_cursor: tuple[int, int] | None = None
+        self.fire_cursor: tuple[int, int, int] | None = None
         self._dirty_jobs: set[int] = set()
         self._dirty_all = False
         self._wake = asyncio.Event()
@@ -307,7 +309,7 @@ class EventHub:
         if job_id is not None:
             lookups = self._replica_pages if replica and self.reads else self._pages
             return await lookups.get((job_id, after)) or ([], False)
-        params = {"xid": str(after[0]), "id": after[1], "limit": self.page_size}
+        params = {"xid": str(after[0]), "id": after[1], "sub": after[2], "limit": self.page_size}
         rows, from_replica = await self._fetch_rows(QUERIES["firehose_after"], params, replica)
         return [Event.from_row(r) for r in rows], from_replica
 
@@ -435,14 +437,19 @@ class EventHub:
                 rows = await (
                     await conn.execute(
                         QUERIES["firehose_after"],
-                        {"xid": str(self.fire_cursor[0]), "id": self.fire_cursor[1], "limit": PAGE},
+                        {
+                            "xid": str(self.fire_cursor[0]),
+                            "id": self.fire_cursor[1],
+                            "sub": self.fire_cursor[2],
+                            "limit": PAGE,
+                        },
                     )
                 ).fetchall()
                 for row in rows:
                     ev = Event.from_row(row)
                     if self.fire_cursor is None:
                         break  # the last firehose subscriber left while the query ran
-                    self.fire_cursor = (ev.xid, ev.id)
+                    self.fire_cursor = ev.position
                     for sub in list(self.firehose):
                         if sub.wants(ev):
                             sub.push(ev)
@@ -450,10 +457,10 @@ class EventHub:
                     more = True
         return more
 
-    async def firehose_head(self) -> tuple[int, int]:
+    async def firehose_head(self) -> tuple[int, int, int]:
         async with self._connection() as conn:
             row = await (await conn.execute(QUERIES["firehose_head"])).fetchone()
-        return (int(row["xid"]), int(row["id"])) if row else (0, 0)
+        return (int(row["xid"]), int(row["id"]), int(row["sub"])) if row else (0, 0, 0)
 
     def _connection(self) -> Any:
         pool = self._pool()

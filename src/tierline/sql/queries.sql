@@ -10,13 +10,13 @@
 -- then reads the existing job with `job_by_key` (a repeated key is the rare case, and it
 -- costs the second round trip it always did). A delay counts from the database's now(),
 -- never from the enqueuing replica's clock; so does a unique key's period. The answer is
--- slim (what a new row adds to its input: id, state, times) and the statement is one
--- INSERT with its event: every clause here runs on each enqueue (measured in
--- docs/benchmarks.md, "Where the write path goes").
+-- slim (what a new row adds to its input: id, state, times).
+-- The job's `enqueued` event is its row (seq 1, `job_event_pages`); the statement's
+-- enqueue record (seq 0) gives it its place in the firehose (`firehose_after`, schema 7).
 WITH ins AS (
     INSERT INTO tierline.jobs
         (queue, kind, args, state, priority, run_at, max_attempts, timeout_s, idempotency_key,
-         trace_context, unique_key, unique_states)
+         trace_context, unique_key, unique_states, enqueued_run_at)
     SELECT %(queue)s, %(kind)s, %(args)s,
            CASE WHEN v.run_at > now() THEN 'scheduled' ELSE 'available' END,
            %(priority)s, v.run_at, %(max_attempts)s, %(timeout_s)s, %(idempotency_key)s,
@@ -25,16 +25,15 @@ WITH ins AS (
                 ELSE %(unique_key)s::text || ':'
                      || floor(extract(epoch FROM now()) / %(unique_period_s)s::float8)::bigint
            END,
-           %(unique_states)s::text[]
+           %(unique_states)s::text[], nullif(v.run_at, now())
     FROM (SELECT coalesce(%(run_at)s::timestamptz,
                           now() + make_interval(secs => %(delay_s)s::float8),
                           now()) AS run_at) v
     ON CONFLICT DO NOTHING  -- the idempotency key's index or the unique key's
-    RETURNING id, queue, kind, state, priority, run_at, created_at
+    RETURNING id, queue, kind, state, run_at, created_at
 ), ev AS (
     INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
-    SELECT id, 1, 'enqueued', queue, kind,
-           jsonb_build_object('state', state, 'run_at', run_at, 'priority', priority)
+    SELECT id, 0, 'enqueued', '', '', jsonb_build_object('jobs', jsonb_build_array(id))
     FROM ins
 )
 SELECT id, state, run_at, created_at,
@@ -68,6 +67,8 @@ LIMIT 1;
 -- `jsonb_to_recordset` (one parse on each side instead of one per value). Ids come from
 -- the jobs' sequence in input order, so each inserted row joins back to its input; the
 -- sequence's name is looked up once (an InitPlan), not once per row (2 ms per 1,000).
+-- The jobs' `enqueued` events are their rows; the batch writes one enqueue record (seq
+-- 0, keyed by its last job) that places them all in the firehose (schema 7).
 -- Duplicate keys within one batch are removed by the caller; a key committed
 -- concurrently leaves a row out and the caller retries the whole transaction. An
 -- existing job is looked up by its key only for a row that was not inserted (an index
@@ -92,19 +93,18 @@ WITH u AS (
 ), ins AS (
     INSERT INTO tierline.jobs
         (id, queue, kind, args, state, priority, run_at, max_attempts, timeout_s,
-         idempotency_key, trace_context, unique_key, unique_states)
+         idempotency_key, trace_context, unique_key, unique_states, enqueued_run_at)
     SELECT id, queue, kind, args,
            CASE WHEN run_at > now() THEN 'scheduled' ELSE 'available' END,
            priority, run_at, max_attempts, timeout_s, idempotency_key,
-           trace_context, unique_key, unique_states
+           trace_context, unique_key, unique_states, nullif(run_at, now())
     FROM u ORDER BY ord
     ON CONFLICT DO NOTHING  -- the idempotency key's index or the unique key's
-    RETURNING id, queue, kind, state, priority, run_at
+    RETURNING id, queue, state, run_at
 ), ev AS (
     INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
-    SELECT id, 1, 'enqueued', queue, kind,
-           jsonb_build_object('state', state, 'run_at', run_at, 'priority', priority)
-    FROM ins
+    SELECT max(id), 0, 'enqueued', '', '', jsonb_build_object('jobs', jsonb_agg(id ORDER BY id))
+    FROM ins HAVING count(*) > 0
 ), notified AS (
     SELECT pg_notify('tierline_jobs', q)
     FROM (SELECT DISTINCT queue AS q FROM ins WHERE state = 'available') s
@@ -453,24 +453,53 @@ LIMIT %(limit)s;
 -- name: job_events_after
 -- One job's events after a seq (the event hub reads pages of many jobs at once, with the
 -- queries in streaming.sql).
-SELECT job_id, seq, type, queue, kind, data, at FROM tierline.job_events
+SELECT job_id, seq, type, queue, kind, data, at FROM tierline.job_stream
 WHERE job_id = %(job_id)s AND seq > %(after)s
 ORDER BY seq LIMIT %(limit)s;
 
 -- name: firehose_after
 -- Events in commit-safe order: only rows of transactions older than every transaction
--- still running, so nothing can later appear behind the cursor.
-SELECT e.xid::text AS xid, e.id, e.job_id, e.seq, e.type, e.queue, e.kind, e.data, e.at
-FROM tierline.job_events e
-WHERE (e.xid, e.id) > (%(xid)s::xid8, %(id)s::bigint)
-  AND e.xid < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY e.xid, e.id
+-- still running, so nothing can later appear behind the cursor. A position is
+-- (xid, id, sub): an event row's is (xid, id, 0); an enqueue record (seq 0, schema 7)
+-- stands for the `enqueued` events of the jobs its statement created, at (xid, id, 1..n)
+-- in the record's order, read from the jobs' rows. The page starts at the cursor's own
+-- row (a record may be partly sent) and reads one row more than a page: every row after
+-- the cursor's gives at least one event (a record goes with its last job when that is
+-- pruned), so the page is short only at the end, which is how a replay knows it is.
+WITH e AS (
+    SELECT e.xid, e.id, e.job_id, e.seq, e.type, e.queue, e.kind, e.data, e.at
+    FROM tierline.job_events e
+    WHERE (e.xid, e.id) >= (%(xid)s::xid8, %(id)s::bigint)
+      AND e.xid < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY e.xid, e.id
+    LIMIT %(limit)s::int + 1
+)
+SELECT p.xid::text AS xid, p.id, p.sub, p.job_id, p.seq, p.type, p.queue, p.kind, p.data,
+       p.at
+FROM (
+    SELECT e.xid, e.id, 0::bigint AS sub, e.job_id, e.seq, e.type, e.queue, e.kind, e.data,
+           e.at
+    FROM e WHERE e.seq > 0
+    UNION ALL
+    SELECT e.xid, e.id, r.sub, q.job_id, q.seq, q.type, q.queue, q.kind, q.data, q.at
+    FROM e
+    CROSS JOIN LATERAL jsonb_array_elements_text(e.data -> 'jobs')
+        WITH ORDINALITY AS r(job_id, sub)
+    JOIN tierline.enqueued_events q ON q.job_id = r.job_id::bigint
+    WHERE e.seq = 0
+) p
+WHERE (p.xid, p.id, p.sub) > (%(xid)s::xid8, %(id)s::bigint, %(sub)s::bigint)
+ORDER BY p.xid, p.id, p.sub
 LIMIT %(limit)s;
 
 -- name: firehose_head
--- Where the firehose stands now: the position after the newest committed-safe event.
-SELECT coalesce(max(xid), '0'::xid8)::text AS xid, coalesce(max(id), 0) AS id
-FROM (SELECT e.xid, e.id FROM tierline.job_events e
+-- Where the firehose stands now: the position after the newest committed-safe event
+-- (after every job of an enqueue record).
+SELECT coalesce(max(xid), '0'::xid8)::text AS xid, coalesce(max(id), 0) AS id,
+       coalesce(max(sub), 0) AS sub
+FROM (SELECT e.xid, e.id,
+             CASE WHEN e.seq = 0 THEN jsonb_array_length(e.data -> 'jobs') ELSE 0 END AS sub
+      FROM tierline.job_events e
       WHERE e.xid < pg_snapshot_xmin(pg_current_snapshot())
       ORDER BY e.xid DESC, e.id DESC LIMIT 1) s;
 

@@ -40,11 +40,12 @@ REVOKE ALL ON SCHEMA tierline FROM {role};
 GRANT CONNECT ON DATABASE {database} TO {role};
 GRANT USAGE ON SCHEMA tierline TO {role};
 GRANT SELECT ON tierline.migrations TO {role};
-GRANT SELECT ON tierline.jobs, tierline.job_events, tierline.replicas, tierline.stats
+GRANT SELECT ON tierline.jobs, tierline.job_events, tierline.replicas, tierline.stats,
+                tierline.enqueued_events, tierline.job_stream
     TO {role};
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA tierline TO {role};
 GRANT INSERT (id, queue, kind, args, state, priority, run_at, max_attempts, timeout_s,
-              idempotency_key, trace_context, unique_key, unique_states)
+              idempotency_key, trace_context, unique_key, unique_states, enqueued_run_at)
     ON tierline.jobs TO {role};
 -- Queue limits and pause: workers store the code's declarations, the web tier changes
 -- them live (PATCH /v1/queues/NAME); schedules are the workers' (limits.py, schedules.py).

@@ -1,5 +1,7 @@
 -- Queries of the event streams (`tierline.streaming`), by name. The firehose's queries
--- (`firehose_after`, `firehose_head`) are in queries.sql.
+-- (`firehose_after`, `firehose_head`) are in queries.sql. A job's stream is the view
+-- `tierline.job_stream` (schema 7): its stored events and its `enqueued` event (seq 1)
+-- from its row.
 
 -- name: job_stream_heads
 -- Where jobs' streams stand: state and the seq of the last event (written in the same
@@ -13,7 +15,7 @@ SELECT id, state, event_seq FROM tierline.jobs WHERE id = ANY(%(ids)s::bigint[])
 SELECT c.ord, e.job_id, e.seq, e.type, e.queue, e.kind, e.data, e.at
 FROM unnest(%(job_ids)s::bigint[], %(afters)s::int[]) WITH ORDINALITY AS c(job_id, after, ord)
 CROSS JOIN LATERAL (
-    SELECT * FROM tierline.job_events e
+    SELECT * FROM tierline.job_stream e
     WHERE e.job_id = c.job_id AND e.seq > c.after
     ORDER BY e.seq
     LIMIT %(limit)s
@@ -27,7 +29,7 @@ ORDER BY c.ord, e.seq;
 SELECT e.job_id, e.seq, e.type, e.queue, e.kind, e.data, e.at
 FROM unnest(%(job_ids)s::bigint[], %(afters)s::int[]) AS c(job_id, after)
 CROSS JOIN LATERAL (
-    SELECT * FROM tierline.job_events e
+    SELECT * FROM tierline.job_stream e
     WHERE e.job_id = c.job_id AND e.seq > c.after
     ORDER BY e.seq
     LIMIT %(limit)s

@@ -95,7 +95,7 @@ async def firehose(
     for k in kind or []:
         if not re.match(KIND_PATTERN, k):
             raise ApiError(422, "invalid_request", f"kind: invalid kind {k[:50]!r}")
-    position: tuple[int, int] | None = None
+    position: tuple[int, int, int] | None = None
     if last_event_id is not None and last_event_id.strip():
         try:
             position = parse_firehose_id(last_event_id)
