@@ -121,7 +121,8 @@ def without_notify(sql: str) -> str:
 
 
 def without_event(sql: str) -> str:
-    """The statement without its ``enqueued`` event insert (the CTE made a no-op)."""
+    """The statement without its enqueue record (one ``job_events`` row per statement
+    since schema 7; one per job before): the CTE made a no-op."""
     start = sql.index("ev AS (")
     end = sql.index("\n)", start)
     return sql[:start] + "ev AS (SELECT 1" + sql[end:]
@@ -132,7 +133,7 @@ def variants() -> dict[str, dict[str, str]]:
     return {
         "as is": base,
         "no NOTIFY": {k: without_notify(v) for k, v in base.items()},
-        "no enqueued event row": {k: without_event(v) for k, v in base.items()},
+        "no enqueue record": {k: without_event(v) for k, v in base.items()},
         "with jobs_state_id_idx": base,
     }
 

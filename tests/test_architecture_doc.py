@@ -10,6 +10,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "ARCHITECTURE.md").read_text()
 SOURCES = "\n".join(p.read_text() for p in (ROOT / "src" / "tierline").rglob("*.py"))
 SQL = "\n".join(p.read_text() for p in (ROOT / "src" / "tierline" / "sql").glob("*.sql"))
+SCHEMA = "\n".join(
+    p.read_text() for p in (ROOT / "src" / "tierline" / "sql" / "migrations").glob("*.sql")
+)
 
 
 def test_named_queries_exist() -> None:
@@ -21,7 +24,8 @@ def test_named_queries_exist() -> None:
 
 def test_cited_names_exist() -> None:
     """``Worker.claim``, ``budget.fit_to_budget``, ``Subscription._replay``: the last
-    part is defined (``def``/``class``) or assigned somewhere in the package."""
+    part is defined (``def``/``class``) or assigned somewhere in the package, or, for
+    ``tierline.job_stream``, is a table or view of the schema."""
     cited = {
         m.group(1).split(".")[-1]
         for m in re.finditer(r"`([A-Za-z_]\w*(?:\.\w+)+)(?:\([^`]*\))?`", DOC)
@@ -34,6 +38,7 @@ def test_cited_names_exist() -> None:
         | set(re.findall(r"^\s*(\w+)\s*[:=]", SOURCES, re.M))
         | modules
         | packages
+        | set(re.findall(r"CREATE (?:TABLE|VIEW) tierline\.(\w+)", SCHEMA))
     )
     assert len(cited) > 20
     missing = sorted(name for name in cited if name not in defined)

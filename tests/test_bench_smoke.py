@@ -178,6 +178,6 @@ def test_write_path(server_url: str, out: Path) -> None:
     assert set(r["variants"]) == {
         "as is",
         "no NOTIFY",
-        "no enqueued event row",
+        "no enqueue record",
         "with jobs_state_id_idx",
     }

@@ -285,7 +285,9 @@ async def test_web_role_enqueues_reads_cancels_retries_and_registers(
             ).fetchall()
             assert [e["type"] for e in events] == ["enqueued", "cancelled", "retrying"]
             await conn.execute(QUERIES["firehose_head"])
-            await conn.execute(QUERIES["firehose_after"], {"xid": "0", "id": 0, "limit": 10})
+            await conn.execute(
+                QUERIES["firehose_after"], {"xid": "0", "id": 0, "sub": 0, "limit": 10}
+            )
             await conn.execute("LISTEN tierline_events")
 
         stats = Stats(pool)

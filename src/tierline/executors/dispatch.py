@@ -18,12 +18,13 @@ import importlib
 from typing import Any, Literal
 
 from tierline import metrics
-from tierline.app import App, Handler
+from tierline.app import App
 from tierline.context import JobContext
 from tierline.cores import usable_cores
 from tierline.errors import TierlineError
 from tierline.executors.process import ProcessPool
 from tierline.executors.thread import ThreadExecutor
+from tierline.handlers import Handler
 from tierline.logs import get_logger
 from tierline.memory import resident_bytes
 from tierline.settings import Settings, env_name
