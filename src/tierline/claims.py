@@ -18,7 +18,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from tierline.database import Conn, one_round_trip
+from tierline.database import Conn, borrow, one_round_trip
 from tierline.queries import QUERIES
 
 ROUTES_TTL_S = 1.0
@@ -73,7 +73,7 @@ class Claims:
         now = time.monotonic()
         if now - self._routes_at < ROUTES_TTL_S:
             return
-        async with self.pool.connection() as conn:
+        async with borrow(self.pool) as conn:
             cur = await conn.execute(QUERIES["queue_limited"], {"queues": self.queues})
             self.limited = {r["name"]: r for r in await cur.fetchall()}
         self._routes_at = now
@@ -83,7 +83,7 @@ class Claims:
     async def _open(self, limit: int, skip: list[int]) -> Rows:
         if limit <= 0:
             return []
-        async with self.pool.connection() as conn:
+        async with borrow(self.pool) as conn:
             async with one_round_trip(conn):
                 await conn.execute(QUERIES["claim_plan"])  # the index walk, whatever the stats
                 cur = await conn.execute(

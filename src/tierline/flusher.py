@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tierline import logs, metrics, tracing
 from tierline.backoff import backoff_delays
-from tierline.database import Conn, describe_error, one_round_trip
+from tierline.database import Conn, borrow, describe_error, one_round_trip
 from tierline.logs import get_logger
 from tierline.queries import QUERIES
 
@@ -142,7 +142,7 @@ class Flusher:
         self, events: list[tuple[int, str, dict[str, Any]]], finishes: list[Finish]
     ) -> None:
         rows: list[dict[str, Any]] = []
-        async with self.pool.connection() as conn:
+        async with borrow(self.pool) as conn:
             async with one_round_trip(conn):
                 if events:
                     await conn.execute(

@@ -34,6 +34,11 @@ class Handler:
 
     def validate(self, args: dict[str, Any]) -> dict[str, Any]:
         """Check ``args`` against the handler's signature; return them JSON-ready."""
+        if not args:  # the same answer every time: {} (nothing set), or the missing ones
+            error = self._no_args
+            if error is not None:
+                raise InvalidJob(error)
+            return {}
         try:
             return self.model.model_validate(args).model_dump(mode="json", exclude_unset=True)
         except ValidationError as exc:
@@ -50,8 +55,8 @@ class Handler:
         its client time calling ``validate`` per job). InvalidJob names no job; the
         caller finds the first invalid one with ``validate``."""
         if not any(many):  # no arguments at all: one check answers for every job
-            empty = self.validate({})
-            return [dict(empty) for _ in many]
+            self.validate({})
+            return [{} for _ in many]
         try:
             adapter = self._many
             valid: list[dict[str, Any]] = adapter.dump_python(
@@ -60,6 +65,16 @@ class Handler:
         except (ValidationError, ValueError):  # UnicodeEncodeError is a ValueError
             raise InvalidJob(f"invalid args for {self.kind!r}") from None
         return valid
+
+    @cached_property
+    def _no_args(self) -> str | None:
+        """What validating ``{}`` says: None (valid: ``{}``, as no field is set), or the
+        error's message (a required argument is missing)."""
+        try:
+            self.model.model_validate({})
+        except ValidationError as exc:
+            return f"invalid args for {self.kind!r}: {_summary(exc)}"
+        return None
 
     @cached_property
     def _many(self) -> TypeAdapter[list[Any]]:

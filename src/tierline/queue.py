@@ -9,7 +9,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from tierline import enqueue as enqueueing
-from tierline.database import Conn, standalone_pool
+from tierline.database import Conn, borrow, standalone_pool
 from tierline.enqueue import Registry
 from tierline.errors import InvalidTransition, JobNotFound
 from tierline.jobs import Job, JobRequest
@@ -135,7 +135,7 @@ class Queue:
         for attempt in range(1, tries + 1):
             used: Conn | None = None
             try:
-                async with self.pool.connection() as conn:
+                async with borrow(self.pool) as conn:
                     used = conn
                     cur = await conn.execute(query, params)
                     return await cur.fetchall()

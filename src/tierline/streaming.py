@@ -58,7 +58,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tierline import metrics
 from tierline.coalesce import Coalescer
-from tierline.database import Conn, describe_error
+from tierline.database import Conn, borrow, describe_error
 from tierline.errors import DatabaseUnavailable, TierlineError
 from tierline.jobs import FINAL_STATES
 from tierline.logs import get_logger
@@ -466,7 +466,7 @@ class EventHub:
         pool = self._pool()
         if pool is None:
             raise DatabaseUnavailable("the replica has no database pool yet")
-        return pool.connection()
+        return borrow(pool)
 
     def close(self) -> None:
         """End every stream cleanly (shutdown); later subscribers end at once."""

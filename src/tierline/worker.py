@@ -22,7 +22,7 @@ from tierline import attempts, metrics, tracing
 from tierline.app import App
 from tierline.claims import Claims
 from tierline.context import JobContext
-from tierline.database import Conn, describe_error
+from tierline.database import Conn, borrow, describe_error
 from tierline.executors.dispatch import Executors
 from tierline.flusher import Finish, Flusher
 from tierline.lifecycle import SideTasks
@@ -289,7 +289,7 @@ class Worker:
         ids = list(self.held)
         if not ids:
             return
-        async with self.pool.connection() as conn:
+        async with borrow(self.pool) as conn:
             cur = await conn.execute(
                 QUERIES["renew_leases"],
                 {"ids": ids, "owner": self.owner, "lease_s": self.settings.job_lease_s},

@@ -10,7 +10,8 @@
 -- then reads the existing job with `job_by_key` (a repeated key is the rare case, and it
 -- costs the second round trip it always did). A delay counts from the database's now(),
 -- never from the enqueuing replica's clock; so does a unique key's period. The answer is
--- slim (what a new row adds to its input: id, state, times).
+-- slim (what a new row adds to its input: its id and times; it is `scheduled` when due
+-- after its creation): every column of it is client time on every enqueue.
 -- The job's `enqueued` event is its row (seq 1, `job_event_pages`); the statement's
 -- enqueue record (seq 0) gives it its place in the firehose (`firehose_after`, schema 7).
 WITH ins AS (
@@ -30,17 +31,17 @@ WITH ins AS (
                           now() + make_interval(secs => %(delay_s)s::float8),
                           now()) AS run_at) v
     ON CONFLICT DO NOTHING  -- the idempotency key's index or the unique key's
-    RETURNING id, queue, kind, state, run_at, created_at
+    RETURNING id, queue, state, run_at, created_at
 ), ev AS (
     INSERT INTO tierline.job_events (job_id, seq, type, queue, kind, data)
     SELECT id, 0, 'enqueued', '', '', jsonb_build_object('jobs', jsonb_build_array(id))
     FROM ins
+), notified AS (
+    SELECT pg_notify('tierline_jobs', queue) FROM ins WHERE state = 'available'
+    UNION ALL
+    SELECT pg_notify('tierline_events', id::text) FROM ins
 )
-SELECT id, state, run_at, created_at,
-       CASE WHEN state = 'available' THEN pg_notify('tierline_jobs', queue) END IS NULL
-           AS woke,
-       pg_notify('tierline_events', id::text) IS NULL AS told
-FROM ins;
+SELECT id, run_at, created_at FROM ins WHERE (SELECT count(*) FROM notified) >= 0;
 
 -- name: job_by_key
 -- The job that holds an enqueue's idempotency key, or its unique key in one of the key's
