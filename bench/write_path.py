@@ -28,6 +28,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from bench import command, compare, jobs, launch, output, workloads
+from tierline.enqueue import dumps, single_params
 from tierline.jobs import JobRequest
 from tierline.queries import QUERIES
 from tierline.testing.databases import dbname, migrate, query, scratch_database
@@ -102,9 +103,7 @@ def stat_statements(admin: str, db: str, jobs_total: int) -> list[dict[str, Any]
 def enqueue_params(app: Any, n: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The parameters Tierline sends for one job and for a batch of ``n``."""
     row = app.prepare(JobRequest(kind="noop", args={}))
-    single = {**row, "args": Jsonb(row["args"]), "trace_context": None}
-    item = {**row, "run_at": None}
-    return single, {"batch": Jsonb([item] * n)}
+    return single_params(row), {"batch": Jsonb([row] * n, dumps=dumps)}
 
 
 def explain(url: str, sql: str, params: dict[str, Any]) -> str:

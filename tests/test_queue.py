@@ -114,6 +114,18 @@ async def test_a_batch_answers_each_new_job_as_stored(queue: Queue) -> None:
     assert ids[0] == (out[4][0].id, False) and ids[1][1] is True
 
 
+async def test_arguments_beyond_64_bits_are_stored_exactly(queue: Queue) -> None:
+    """JSON for the database is orjson's, but for what orjson refuses (an integer beyond
+    64 bits, which jsonb stores): the standard library's, on every path."""
+    big = 2**70 + 1
+    one, _ = await queue.enqueue(JobRequest(kind="add", args={"a": big}))
+    (batched, _), _ = await queue.enqueue_batch(
+        [JobRequest(kind="add", args={"a": -big}), JobRequest(kind="noop", delay_s=5)]
+    )
+    assert (await queue.get(one.id)).args == {"a": big}
+    assert (await queue.get(batched.id)).args == {"a": -big}
+
+
 async def test_a_batch_rejects_what_one_at_a_time_rejects(queue: Queue) -> None:
     """Arguments are validated per kind in one call; the error is the first invalid
     job's, worded as for that job alone, and nothing of the batch is stored."""

@@ -138,7 +138,8 @@ class App:
     def prepare(
         self, request: JobRequest, *, max_args_bytes: int = MAX_ARGS_BYTES
     ) -> dict[str, Any]:
-        """Validate a request and fill in the handler's defaults: the row to insert."""
+        """Validate a request and fill in the handler's defaults: the row to insert, without
+        the columns that stay NULL."""
         handler = self.handler(request.kind)
         _check_size(request.args, max_args_bytes)
         return self._row(request, handler, handler.validate(request.args), tracing.carrier())
@@ -181,22 +182,34 @@ class App:
         args: dict[str, Any],
         trace_context: dict[str, str] | None,
     ) -> dict[str, Any]:
+        """The row to insert, without the columns that stay NULL (``enqueue.ROW_KEYS``):
+        a batch sends the rows as they are, as JSON (`jsonb_to_recordset` reads a missing
+        key as NULL), so what is left out is neither built, encoded, sent nor parsed."""
         queue = request.queue or handler.queue
-        unique = resolve(handler.unique if request.unique is None else request.unique)
-        return {
+        row: dict[str, Any] = {
             "queue": queue,
             "kind": request.kind,
-            "args": args,
             "priority": handler.priority if request.priority is None else request.priority,
-            # The database turns a delay into a time (its clock, not this replica's).
-            "run_at": request.run_at,
-            "delay_s": request.delay_s or None,
             "max_attempts": request.max_attempts or handler.max_attempts,
-            "timeout_s": request.timeout_s if request.timeout_s is not None else handler.timeout,
-            "idempotency_key": request.idempotency_key,
-            "trace_context": trace_context,  # None unless OpenTelemetry is configured
-            **key_parts(unique, request.kind, queue, args),
         }
+        if args:
+            row["args"] = args
+        # The database turns a delay into a time (its clock, not this replica's).
+        if request.run_at is not None:
+            row["run_at"] = request.run_at
+        if request.delay_s:
+            row["delay_s"] = request.delay_s
+        timeout = request.timeout_s if request.timeout_s is not None else handler.timeout
+        if timeout is not None:
+            row["timeout_s"] = timeout
+        if request.idempotency_key is not None:
+            row["idempotency_key"] = request.idempotency_key
+        if trace_context:  # None unless OpenTelemetry is configured
+            row["trace_context"] = trace_context
+        unique = resolve(handler.unique if request.unique is None else request.unique)
+        if unique is not None:
+            row.update(key_parts(unique, request.kind, queue, args))
+        return row
 
     # -- flow control ---------------------------------------------------------------------
     def queue(
