@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             with launch.processes() as procs:
                 web_group = quota.group("web", args.web_cpu_quota) if args.web_cpu_quota else None
-                webload.start_web(
+                webs = webload.start_web(
                     args, url, logs, procs, 1, port, "iso", mix=args.mix, cgroups=[web_group]
                 )
                 unit = args.rate
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                             connections=args.connections,
                             mix=args.mix,
                         ),
+                        pids=[w.pid for w in webs],
                     )
                     r["phase"] = label
                     phases.append(r)

@@ -87,7 +87,7 @@ def _run(
                 else []
             )
             with launch.processes() as procs:
-                webload.start_web(
+                webs = webload.start_web(
                     args, url, logs, procs, n, port, f"x{n}", mix=args.mix, cgroups=groups
                 )
                 if unit is None:
@@ -118,6 +118,7 @@ def _run(
                             connections=args.connections,
                             mix=args.mix,
                         ),
+                        pids=[w.pid for w in webs],
                     )
                     r.update({"replicas": n, "load": f"{mult:g}R"})
                     points.append(r)

@@ -77,6 +77,9 @@ RESULT_COLUMNS = [
     "errors",
     "db CPU (cores)",
     "web throttled s",
+    "web waited for a core s",
+    "db waited for a core s",
+    "host busy %",
 ]
 
 
@@ -91,28 +94,47 @@ def result_cells(r: dict[str, Any]) -> tuple[Any, ...]:
         r["errors"],
         "n/a" if r.get("db_cpu_cores") is None else r["db_cpu_cores"],
         r.get("web_throttled_s", 0.0),
+        r.get("web_runq_s", "n/a"),
+        "n/a" if r.get("db_runq_s") is None else r["db_runq_s"],
+        "n/a" if r.get("host_busy") is None else round(100 * r["host_busy"]),
     )
 
 
 def costed(
-    server_url: str, db: str, groups: Sequence[Path | None], run: Callable[[], dict[str, Any]]
+    server_url: str,
+    db: str,
+    groups: Sequence[Path | None],
+    run: Callable[[], dict[str, Any]],
+    pids: Sequence[int] = (),
 ) -> dict[str, Any]:
     """``run()`` (one loadgen point or phase) with what it cost beside its result:
-    ``db_cpu_cores``, the CPU of PostgreSQL's backends serving ``db``, and
-    ``web_throttled_s``, the seconds the web replicas' ``groups`` waited for their quota:
-    which resource saturated when the latency leaves the flat region."""
+    ``db_cpu_cores``, the CPU of PostgreSQL's backends serving ``db``;
+    ``web_throttled_s``, the seconds the web replicas' ``groups`` waited for their quota;
+    ``web_runq_s`` and ``db_runq_s``, the seconds the web replicas (``pids``) and those
+    backends were runnable but waited for a core; ``host_busy`` and ``host_steal``, the
+    busy and stolen share of the host's cores. Which resource saturated when the latency
+    leaves the flat region: a quota (throttled), the host's cores (waits for a core, a
+    busy host), or PostgreSQL (its CPU)."""
     sampler = sampling.DbSampler(server_url, db)
     sampler.start()
+    host = sampling.HostCpu()
+    host.begin()
     throttled0 = sum(cpuquota.CpuQuota.throttled_s(g) for g in groups)
+    waited0 = sum(sampling.runq_wait_s(p) for p in pids)
     t0 = time.monotonic()
     r = run()
     elapsed = time.monotonic() - t0
     sampler.sample()
+    busy, steal = host.shares()
     db_cpu = sampler.cpu_seconds()
+    db_waited = sampler.runq_wait_s()
     r["db_cpu_cores"] = None if db_cpu is None else round(db_cpu / elapsed, 2)
+    r["db_runq_s"] = None if db_waited is None else round(db_waited, 2)
     r["web_throttled_s"] = round(
         sum(cpuquota.CpuQuota.throttled_s(g) for g in groups) - throttled0, 2
     )
+    r["web_runq_s"] = round(sum(sampling.runq_wait_s(p) for p in pids) - waited0, 2)
+    r["host_busy"], r["host_steal"] = round(busy, 3), round(steal, 3)
     return r
 
 
