@@ -25,7 +25,32 @@ from tierline.settings import Settings, env_name
 
 log = get_logger(__name__)
 
-Conn = psycopg.AsyncConnection[DictRow]
+
+class Conn(psycopg.AsyncConnection[DictRow]):
+    """Tierline's connections: psycopg's, autocommit, answering dict rows, with one cursor
+    kept for single statements (``statement_cursor``)."""
+
+    _statement_cursor: psycopg.AsyncCursor[DictRow] | None = None
+
+    def statement_cursor(self) -> psycopg.AsyncCursor[DictRow]:
+        """The connection's cursor for one statement at a time, made once. A cursor made
+        per statement (``conn.execute``) learns anew how to dump each parameter and load
+        each column: a quarter of psycopg's client time for an enqueue (217k -> 163k
+        instructions per statement). Read its rows before the next statement; not for
+        pipelines, where every statement needs a cursor of its own."""
+        cur = self._statement_cursor
+        if cur is None or cur.closed:
+            cur = self._statement_cursor = self.cursor()
+        return cur
+
+
+def statement_cursor(conn: psycopg.AsyncConnection[DictRow]) -> psycopg.AsyncCursor[DictRow]:
+    """``Conn.statement_cursor``, or a new cursor on a connection from a pool that is not
+    Tierline's (a ``Queue`` over the caller's own pool)."""
+    if isinstance(conn, Conn):
+        return conn.statement_cursor()
+    return conn.cursor()
+
 
 POOL_RECONNECT_S = 30.0  # how long a pool keeps retrying one failed connection (seconds)
 
@@ -51,7 +76,7 @@ async def connect(
     while True:
         tried += 1
         try:
-            return await psycopg.AsyncConnection.connect(
+            return await Conn.connect(
                 dsn,
                 autocommit=True,
                 row_factory=dict_row,

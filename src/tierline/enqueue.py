@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from tierline import metrics
-from tierline.database import Conn, borrow
+from tierline.database import Conn, borrow, statement_cursor
 from tierline.errors import InvalidTransition
 from tierline.jobs import Job, JobRequest, State
 from tierline.queries import QUERIES
@@ -221,10 +221,10 @@ async def _pooled(pool: AsyncConnectionPool[Conn], statement: Statement) -> Rows
             async with borrow(pool) as conn:
                 used = conn
                 if statement.check is None:
-                    cur = await conn.execute(statement.query, statement.params)
+                    cur = await statement_cursor(conn).execute(statement.query, statement.params)
                     return await cur.fetchall()
                 async with conn.transaction():
-                    cur = await conn.execute(statement.query, statement.params)
+                    cur = await statement_cursor(conn).execute(statement.query, statement.params)
                     return _checked(statement, await cur.fetchall())
         except _Undo:
             return None

@@ -9,7 +9,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from tierline import enqueue as enqueueing
-from tierline.database import Conn, borrow, standalone_pool
+from tierline.database import Conn, borrow, standalone_pool, statement_cursor
 from tierline.enqueue import Registry
 from tierline.errors import InvalidTransition, JobNotFound
 from tierline.jobs import Job, JobRequest
@@ -137,7 +137,7 @@ class Queue:
             try:
                 async with borrow(self.pool) as conn:
                     used = conn
-                    cur = await conn.execute(query, params)
+                    cur = await statement_cursor(conn).execute(query, params)
                     return await cur.fetchall()
             except psycopg.OperationalError:
                 if attempt == tries or used is None or not used.broken:

@@ -16,17 +16,17 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
 
-from tierline.database import Conn
 from tierline.errors import TierlineError
 from tierline.migrations import MIGRATION_LOCK
 from tierline.queries import QUERIES
 from tierline.settings import Settings, Tier, env_name
 
+AnyConn = psycopg.AsyncConnection[Any]  # the caller's own: granting roles needs no pool's
 ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 _FIELD = re.compile(r"\{([a-z_]+)\}")
 
@@ -64,7 +64,7 @@ def statement(name: str, role: str, **values: sql.Composable) -> sql.Composed:
     return sql.SQL(text).format(**args)
 
 
-def password_literal(conn: Conn, role: str, password: str) -> sql.Literal:
+def password_literal(conn: AnyConn, role: str, password: str) -> sql.Literal:
     """The SCRAM verifier of ``password``: the clear text never reaches the server (or
     its statement log)."""
     verifier = conn.pgconn.encrypt_password(
@@ -74,7 +74,7 @@ def password_literal(conn: Conn, role: str, password: str) -> sql.Literal:
 
 
 async def create_roles(
-    conn: Conn, settings: Settings, *, retention_s: float | None = None
+    conn: AnyConn, settings: Settings, *, retention_s: float | None = None
 ) -> list[RoleOutcome]:
     """Create (if missing) and grant the web and worker roles in the connected database.
 
@@ -136,7 +136,7 @@ async def create_roles(
     return outcomes
 
 
-async def _ensure_role(conn: Conn, tier: Tier, role: str, password: str | None) -> RoleOutcome:
+async def _ensure_role(conn: AnyConn, tier: Tier, role: str, password: str | None) -> RoleOutcome:
     found = await (await conn.execute(QUERIES["roles_lookup"], {"name": role})).fetchone()
     created, generated = False, None
     if found is None:

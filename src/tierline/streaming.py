@@ -58,7 +58,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tierline import metrics
 from tierline.coalesce import Coalescer
-from tierline.database import Conn, borrow, describe_error
+from tierline.database import Conn, borrow, describe_error, statement_cursor
 from tierline.errors import DatabaseUnavailable, TierlineError
 from tierline.jobs import FINAL_STATES
 from tierline.logs import get_logger
@@ -331,7 +331,7 @@ class EventHub:
             rows, target = await self.reads.fetch(query, params)
             return rows, target == "replica"
         async with self._connection() as conn:
-            rows = await (await conn.execute(query, params)).fetchall()
+            rows = await (await statement_cursor(conn).execute(query, params)).fetchall()
         return rows, False
 
     async def _read_heads(self, job_ids: list[int], replica: bool) -> dict[int, tuple[str, int]]:
@@ -413,7 +413,7 @@ class EventHub:
         async with self._connection() as conn:
             if jobs:
                 rows = await (
-                    await conn.execute(
+                    await statement_cursor(conn).execute(
                         QUERIES["jobs_events_after"],
                         {
                             "job_ids": jobs,
@@ -435,7 +435,7 @@ class EventHub:
                     self._dirty_all = more = True
             if self.firehose and self.fire_cursor is not None:
                 rows = await (
-                    await conn.execute(
+                    await statement_cursor(conn).execute(
                         QUERIES["firehose_after"],
                         {
                             "xid": str(self.fire_cursor[0]),
@@ -459,7 +459,7 @@ class EventHub:
 
     async def firehose_head(self) -> tuple[int, int, int]:
         async with self._connection() as conn:
-            row = await (await conn.execute(QUERIES["firehose_head"])).fetchone()
+            row = await (await statement_cursor(conn).execute(QUERIES["firehose_head"])).fetchone()
         return (int(row["xid"]), int(row["id"]), int(row["sub"])) if row else (0, 0, 0)
 
     def _connection(self) -> Any:
