@@ -1,14 +1,13 @@
 """One shutdown recipe for both tiers (uvicorn's): the first SIGTERM or Ctrl+C stops
 intake and drains within a grace period; a second one forces an immediate exit. Also the
 pieces of a replica's life that both tiers share: supervised side tasks, the quiet
-uvicorn server, the listening socket and the settled heap.
+uvicorn server and the listening socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import socket
@@ -22,19 +21,6 @@ from tierline.logs import get_logger
 
 log = get_logger(__name__)
 T = TypeVar("T")
-
-
-def settle_heap() -> None:
-    """Collect once, then move every object alive now into the permanent generation
-    (``gc.freeze``), so that no later full collection walks them again. What is alive
-    when a tier starts (its modules, the application, FastAPI's routes and schemas,
-    pydantic's validators: 84,000 objects in a web replica) lives as long as the
-    process; a full collection over them took 21 ms at rest and up to 250 ms with 1,000
-    streams open, all of it a stall of every request, and under a pod's CPU limit of a
-    quarter core several periods of throttling on top. After it, a full collection
-    walks only what was made since (0.002 ms at rest)."""
-    gc.collect()
-    gc.freeze()
 
 
 class Shutdown:

@@ -19,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from tierline import limits, tracing
 from tierline.app import App
 from tierline.database import Conn
-from tierline.lifecycle import Shutdown, SideTasks, settle_heap
+from tierline.lifecycle import Shutdown, SideTasks
 from tierline.notifications import Handler, Listener
 from tierline.queue import Queue
 from tierline.recommender import Recommender
@@ -60,7 +60,6 @@ class Tier(ABC):
     async def run(self) -> int:
         """The process's exit code: 1 when a task crashed, else 0."""
         self.shutdown.install()
-        settle_heap()  # built: the application, its routes, the pools' machinery
         ok = await self.serve()
         await self.side.cancel()
         await self.replica.close()
