@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         help=f"Update its compare block (default {DOC}, not in --smoke).",
     )
     args = p.parse_args(argv)
+    if args.doc is not None and not args.doc.is_file():  # said now, not after the run
+        p.error(f"--doc {args.doc}: no such file (the page whose compare block to update)")
     if args.smoke:
         args.rounds, args.drain_jobs, args.single_jobs, args.batch_jobs = 1, 200, 30, 300
         args.batch, args.io_procs, args.io_window, args.io_warmup = 100, "1", 1.0, 0.5
